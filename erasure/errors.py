@@ -11,3 +11,19 @@ class BaseNotFoundError(ErasureError):
 
 class InvalidArgumentError(ErasureError, ValueError):
     """A value given by the user is out of range or malformed."""
+
+
+class PackError(ErasureError):
+    """A concept pack was refused. ``pack`` names it; nothing was applied to any model."""
+
+    def __init__(self, pack: str, reason: str):
+        self.pack, self.reason = pack, reason
+        super().__init__(f"pack {pack}: {reason}")
+
+
+class PackIntegrityError(PackError):
+    """A file of the pack is missing, unexpected, unsafe (pickle) or does not match its sha256."""
+
+
+class PackMismatchError(PackError):
+    """The pack was built for another base: its touched tensors differ in name, shape or value."""

@@ -138,3 +138,52 @@ def print_report(report: EvalReport, console=None) -> None:
                 f"{report.splits[n].per_concept[concept]:.1%} (n={report.splits[n].counts[concept]})" for n in names
             ])
     console.print(table)
+
+
+def comparison(base: EvalReport, erased: EvalReport, erased_concepts: list[str]) -> dict:
+    """The paper's Table 2 for the toy world: base vs erased accuracy for every concept, per template split."""
+    out: dict = {"erased_concepts": erased_concepts, "splits": {}}
+    for split in base.splits:
+        b, e = base.splits[split], erased.splits[split]
+        rows = {}
+        for concept in b.per_concept:
+            rows[concept] = {
+                "base": b.per_concept[concept],
+                "erased": e.per_concept[concept],
+                "ratio": e.per_concept[concept] / b.per_concept[concept] if b.per_concept[concept] else None,
+                "n": b.counts[concept],
+                "erased_concept": concept in erased_concepts,
+            }
+        out["splits"][split] = {
+            "concepts": rows,
+            "overall": {a: {"base": b.overall[a], "erased": e.overall[a]} for a in b.overall},
+            # Where the erased prompts' images go instead: the oracle's readings, base vs erased.
+            "readings": {c: {"base": b.readings[c], "erased": e.readings[c]} for c in erased_concepts},
+        }
+    return out
+
+
+def print_comparison(table: dict, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    splits = list(table["splits"])
+    t = Table(title="oracle accuracy: base -> erased (ratio to base)")
+    t.add_column("concept")
+    for s in splits:
+        t.add_column(f"{s} templates", justify="right")
+    concepts = list(table["splits"][splits[0]]["concepts"])
+    erased = table["erased_concepts"]
+    for concept in erased + [c for c in concepts if c not in erased]:
+        cells = []
+        for s in splits:
+            r = table["splits"][s]["concepts"][concept]
+            ratio = f" ({r['ratio']:.0%})" if r["ratio"] is not None else ""
+            cells.append(f"{r['base']:.1%} -> {r['erased']:.1%}{ratio}")
+        t.add_row(f"[b red]{concept} (erased)[/]" if concept in erased else concept, *cells)
+    console.print(t)
+    for concept in erased:
+        for s in splits:
+            h = table["splits"][s]["readings"][concept]
+            console.print(f"{concept} prompts ({s}) read as: base {h['base']} -> erased {h['erased']}")

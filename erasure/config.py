@@ -1,0 +1,44 @@
+"""ESDConfig: every option of `erasure train`, in one place, with the paper's defaults.
+
+Example:
+    >>> from erasure.config import ESDConfig
+    >>> cfg = ESDConfig(concepts=["circle"], method="esd-x", iterations=200, lr=1e-4)
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+class ESDConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    concepts: list[str] = Field(min_length=1, description="concepts to erase; one is drawn per iteration")
+    method: Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"] = "esd-x"
+    eta: float = Field(1.0, description="negative guidance of the paper (the official script's value is eta + 1)")
+    iterations: int = Field(1000, gt=0, description="optimizer steps")
+    lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper: 1e-5)")
+    sample_with: Literal["trained", "frozen"] = Field(
+        "trained", description="which UNet samples x_t: the one being trained (paper) or the frozen base (official)")
+    erase_from: str | None = Field(None, description="train eps(x_t, c_from) towards the target of the concept")
+    guidance: float = Field(3.0, description="classifier-free guidance while sampling x_t (paper: 3)")
+    ddim_steps: int = Field(50, gt=1, description="DDIM steps of the x_t sampler; x_t stops at a uniform step")
+    seed: int = 0
+    loop: Literal["pooled", "reference"] = Field(
+        "pooled", description="pooled: reuse sampled trajectories (fast, default); reference: the official loop")
+    batch_size: int = Field(4, gt=0, description="x_t per optimizer step (pooled loop; the reference loop uses 1)")
+    refresh_every: int = Field(20, gt=0, description="pooled loop: resample trajectories every N iterations")
+    pool_trajectories: int = Field(4, gt=0, description="pooled loop: trajectories sampled per concept per refresh")
+    checkpoint_every: int = Field(100, gt=0)
+
+    @field_validator("concepts")
+    @classmethod
+    def _non_empty(cls, concepts: list[str]) -> list[str]:
+        cleaned = [c.strip() for c in concepts]
+        if any(not c for c in cleaned):
+            raise ValueError("a concept is empty")
+        if len(set(cleaned)) != len(cleaned):
+            raise ValueError("a concept is listed twice")
+        return cleaned
