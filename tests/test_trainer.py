@@ -1,0 +1,76 @@
+"""ESD trainer mechanics on the toy architecture with random weights (fast; quality is measured by eval)."""
+
+import pytest
+import torch
+
+from erasure.config import ESDConfig
+from erasure.trainer import ESDTrainer
+
+TINY = dict(lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2, checkpoint_every=3)
+
+
+def params(trainer):
+    return {n: p.detach().clone() for n, p in trainer.trainable.items()}
+
+
+@pytest.mark.parametrize("loop,sample_with", [("pooled", "trained"), ("pooled", "frozen"), ("reference", "trained")])
+def test_resume_continues_where_it_stopped(tmp_path, loop, sample_with):
+    from conftest import make_random_toy_pipe
+
+    cfg = ESDConfig(concepts=["circle", "red"], iterations=6, loop=loop, sample_with=sample_with, **TINY)
+    straight = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), cfg, progress=False)
+    straight.train()
+
+    ckpt = tmp_path / "ckpt.pt"
+    first = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), cfg, progress=False)
+    first.train(checkpoint=ckpt, until=3)  # "interrupted" after 3 iterations (checkpoint_every=3)
+    resumed = ESDTrainer(make_random_toy_pipe(tmp_path / "c"), cfg, progress=False)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.iteration == 3
+    resumed.train()
+    assert resumed.iteration == 6
+    a, b = params(straight), params(resumed)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert straight.losses == resumed.losses
+
+
+def test_deterministic_for_a_fixed_seed(tmp_path):
+    from conftest import make_random_toy_pipe
+
+    cfg = ESDConfig(concepts=["circle"], iterations=3, **TINY)
+    runs = [ESDTrainer(make_random_toy_pipe(tmp_path / str(i)), cfg, progress=False) for i in range(2)]
+    for r in runs:
+        r.train()
+    assert all(torch.equal(runs[0].delta()[n], runs[1].delta()[n]) for n in runs[0].names)
+
+
+def test_objective_matches_the_paper(random_pipe):
+    """One reference step: the target is eps*(c0) - eta (eps*(c) - eps*(c0)) from the frozen base."""
+    cfg = ESDConfig(concepts=["circle"], iterations=1, eta=2.0, loop="reference", **TINY)
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    x = torch.randn(1, 4, 16, 16)
+    t = trainer.timesteps[1].reshape(1)
+    with torch.no_grad():
+        e0 = trainer.frozen(x, t, trainer.emb[""]).sample
+        ep = trainer.frozen(x, t, trainer.emb["circle"]).sample
+    torch.testing.assert_close(trainer._targets(x, t, "circle"), e0 - 2.0 * (ep - e0), rtol=1e-4, atol=1e-5)
+
+
+def test_only_selected_tensors_train_and_frozen_stays_frozen(random_pipe):
+    cfg = ESDConfig(concepts=["circle"], method="esd-x-strict", iterations=2, **TINY)
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    before = {n: p.detach().clone() for n, p in random_pipe.unet.named_parameters()}
+    frozen_before = {n: p.detach().clone() for n, p in trainer.frozen.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in random_pipe.unet.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == set(trainer.names) and all("attn2.to_k" in n or "attn2.to_v" in n for n in changed)
+    assert all(torch.equal(p, frozen_before[n]) for n, p in trainer.frozen.named_parameters())
+
+
+def test_sdxl_style_pipelines_are_refused_clearly(random_pipe):
+    from erasure.errors import InvalidArgumentError
+    from erasure.trainer import check_supported
+
+    random_pipe.unet.register_to_config(addition_embed_type="text_time")
+    with pytest.raises(InvalidArgumentError, match="SDXL"):
+        check_supported(random_pipe)
