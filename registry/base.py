@@ -29,6 +29,10 @@ class PushError(RegistryError):
     """A push failed; the repository shows no new commit."""
 
 
+class AccessDeniedError(PushError):
+    """The registry refused the credentials (HTTP 401/403): no token, a wrong token, or no write access."""
+
+
 @dataclasses.dataclass(frozen=True)
 class PushResult:
     repo: str
@@ -53,14 +57,20 @@ class PackInfo:
     method: str
     base: str
     latest_sha: str
+    latest_tag: str | None = None  # a tag pointing at latest_sha, if any
 
 
 class Registry(Protocol):
+    """``source`` names the registry in a lock file: an endpoint URL, a local registry path, or
+    ``builtin:toy-registry`` (see registry.lock). ``expected_files`` (from a lock) must match every pulled file."""
+
+    source: str
+
     def push(self, pack_dir: Path, repo: str, tag: str | None = None, private: bool = False) -> PushResult: ...
 
     def resolve(self, repo: str, revision: str = "main") -> str: ...
 
     def pull(self, repo: str, revision: str = "main", to: Path | None = None,
-             base_unet=None) -> PulledPack: ...
+             base_unet=None, expected_files: dict[str, str] | None = None) -> PulledPack: ...
 
     def list(self, namespace: str) -> list[PackInfo]: ...
