@@ -122,6 +122,9 @@ class HubRegistry:
         except hf.LocalEntryNotFoundError as exc:
             raise RegistryError(f"{repo}@{revision} is neither reachable at {self.endpoint} nor in the cache "
                                 f"{self._cache_root()}: {str(exc).splitlines()[0]}") from None
+        except getattr(hf, "RemoteEntryNotFoundError", hf.EntryNotFoundError) as exc:
+            raise RegistryError(f"{repo}@{revision} at {self.endpoint} lacks a file ({_server_message(exc) or exc}); "
+                                "it is not a concept pack") from None
         except hf.HfHubHTTPError as exc:
             status, msg = _status(exc), _server_message(exc)
             detail = f" ({msg})" if msg else ""
@@ -325,10 +328,14 @@ class HubRegistry:
         for model in sorted(models, key=lambda m: m.id):
             with self._errors(model.id, "main"):
                 sha = api.model_info(model.id).sha
-                path = hf_hub_download(model.id, MANIFEST, revision=sha, endpoint=self.endpoint,
-                                       cache_dir=self.cache_dir, token=self.token)
                 tags = sorted(t.name for t in api.list_repo_refs(model.id).tags if t.target_commit == sha)
-            s = manifest_summary(Path(path))
+            try:
+                with self._errors(model.id, sha):
+                    path = Path(hf_hub_download(model.id, MANIFEST, revision=sha, endpoint=self.endpoint,
+                                                cache_dir=self.cache_dir, token=self.token))
+            except RegistryError:  # tagged as a pack but without a manifest: listed with '?'
+                path = Path(os.devnull)
+            s = manifest_summary(path)
             out.append(PackInfo(repo=model.id, name=s["name"], concepts=s["concepts"], method=s["method"],
                                 base=s["base"], latest_sha=sha, latest_tag=tags[-1] if tags else None))
         return out

@@ -93,13 +93,11 @@ class LockFile:
         return entry
 
     def _portable(self, source: str) -> str:
+        """A local registry path under the lock's directory is stored relative to it (they travel together)."""
         if source.startswith(("http://", "https://", "builtin:")):
             return source
-        try:
-            return os.path.relpath(Path(source).absolute(), self.path.absolute().parent) \
-                if Path(source).absolute().is_relative_to(self.path.absolute().parent) else str(Path(source).absolute())
-        except ValueError:
-            return source
+        path, home = Path(source).absolute(), self.path.absolute().parent
+        return os.path.relpath(path, home) if path.is_relative_to(home) else str(path)
 
     def save(self) -> Path:
         data = {"version": LOCK_VERSION, "packs": {n: e.to_json() for n, e in sorted(self.entries.items())}}

@@ -61,3 +61,17 @@ def read_files(d: Path) -> dict[str, bytes]:
 def leftovers(parent: Path, name: str) -> list[str]:
     """Temporary siblings a pull into parent/name may have left behind."""
     return sorted(p.name for p in Path(parent).iterdir() if p.name.startswith(f".{name}."))
+
+
+def recard(pack: Path, out: Path, note: str = "\nRevised card.\n") -> Path:
+    """A copy of ``pack`` with only its card (README.md, and so pack.json) changed: same delta and preview bytes."""
+    import shutil
+
+    shutil.copytree(pack, out)
+    with open(out / "README.md", "a") as f:
+        f.write(note)
+    from erasure.pack import sha256_file
+
+    files = json.loads((pack / MANIFEST).read_text())["files"]
+    rewrite_manifest(out, files={**files, "README.md": sha256_file(out / "README.md")})
+    return out

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 
 import pytest
 
@@ -17,7 +16,7 @@ from registry.base import (AccessDeniedError, PackNotFoundError, PushError, Revi
                            VerificationError)
 from registry.hub import HubRegistry
 from registry.lock import LockFile
-from registry_helpers import leftovers, make_pack, read_files, rewrite_manifest, tiny_unet
+from registry_helpers import leftovers, make_pack, read_files, recard, rewrite_manifest, tiny_unet
 
 TOKEN = "hf_test_write_token"
 
@@ -218,6 +217,9 @@ def test_push_failing_at_commit_leaves_no_commit_and_a_retry_succeeds(reg, hub, 
     with pytest.raises(PushError, match="HTTP 500.*shows no new commit; retry"):
         reg.push(v2, "ns/circle", tag="v2")
     assert hub.head("ns/circle") == first and len(hub.history("ns/circle")) == 2
+    from huggingface_hub import HfApi  # the client's own view agrees
+
+    assert [c.commit_id for c in HfApi(endpoint=hub.url).list_repo_commits("ns/circle")] == hub.history("ns/circle")
     assert "v2" not in hub.repos["ns/circle"].tags
     assert reg.pull("ns/circle", "main").files == {n: sha256_file(pack / n) for n in PACK_FILES}
 
@@ -240,8 +242,13 @@ def test_list_shows_packs_with_concept_method_and_base(reg, hub, tmp_path, unet,
     api.upload_file(path_or_fileobj=b"---\nlibrary_name: diffusers\n---\n# a model\n", path_in_repo="README.md",
                     repo_id="ns/plain-model")
 
+    api.create_repo("ns/tagged-only")  # tagged as a pack, but no manifest: listed with '?' so it can be fixed
+    api.upload_file(path_or_fileobj=b"---\ntags:\n- concept-erasure\n---\n", path_in_repo="README.md",
+                    repo_id="ns/tagged-only")
+
     packs = {p.repo: p for p in reg.list("ns")}
-    assert sorted(packs) == ["ns/circle", "ns/star"]
+    assert sorted(packs) == ["ns/circle", "ns/star", "ns/tagged-only"]
+    assert packs["ns/tagged-only"].method == "?" and packs["ns/tagged-only"].concepts == []
     assert packs["ns/circle"].concepts == ["circle"] and packs["ns/circle"].method == "esd-x"
     assert packs["ns/circle"].base == "test/tiny-unet" and packs["ns/circle"].latest_tag == "v1"
     assert packs["ns/star"].concepts == ["star", "striped"] and packs["ns/star"].method == "esd-u"
@@ -268,12 +275,7 @@ def test_pushing_the_same_pack_twice_sends_no_lfs_bytes(reg, hub, pack, tmp_path
     assert again.commit_sha == hub.head("ns/circle") and len(hub.history("ns/circle")) == 2  # no empty commit
 
     # A new version with the same delta and preview but a new card: a commit, and still no LFS bytes.
-    new_card = tmp_path / "v2" / "circle"
-    shutil.copytree(pack, new_card)
-    with open(new_card / "README.md", "a") as f:
-        f.write("\nRevised card.\n")
-    files = json.loads((pack / "pack.json").read_text())["files"]
-    rewrite_manifest(new_card, files={**files, "README.md": sha256_file(new_card / "README.md")})
+    new_card = recard(pack, tmp_path / "v2" / "circle")
     v2 = reg.push(new_card, "ns/circle", tag="v2")
     assert v2.commit_sha != again.commit_sha and hub.lfs_bytes_received == first
     print(f"\nLFS bytes sent: first push {first}, identical re-push 0, card-only update 0 "
@@ -307,3 +309,23 @@ def test_lock_file_pins_and_serves_offline(hub, hf, reg, pack, tmp_path, capsys,
     with pytest.raises(VerificationError, match="pack.json .* the lock says"):
         LockFile.load(lock_path).fetch(to_dir=tmp_path / "refused")
     assert not (tmp_path / "refused").exists()
+
+
+def test_private_repo_needs_the_token_to_pull(hub, hf, reg, pack):
+    sha = reg.push(pack, "ns/secret", private=True).commit_sha
+    assert hub.repos["ns/secret"].private
+    anonymous = HubRegistry(endpoint=hub.url, token=False, cache_dir=hf)
+    with pytest.raises(PackNotFoundError, match="no pack repository ns/secret .*private repository needs HF_TOKEN"):
+        anonymous.pull("ns/secret")
+    assert anonymous.list("ns") == [] and [p.repo for p in reg.list("ns")] == ["ns/secret"]
+    assert reg.pull("ns/secret").commit_sha == sha
+
+
+def test_xet_upload_to_a_non_hub_endpoint_says_how_to_fix_it(hub, reg, pack, monkeypatch):
+    from huggingface_hub import constants
+
+    pytest.importorskip("hf_xet")
+    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", False)
+    with pytest.raises(PushError, match="set HF_HUB_DISABLE_XET=1.*shows no new commit"):
+        reg.push(pack, "ns/circle")
+    assert len(hub.history("ns/circle")) == 1  # only the Hub's initial commit
