@@ -282,7 +282,7 @@ class HubRegistry:
             with self._errors(repo, "main", pushing=True):
                 info = api.create_commit(repo, ops, commit_message=message, parent_commit=head)
         except PushError as exc:
-            raise PushError(f"{exc}; {self._after_failed_commit(repo, head)}") from None
+            raise type(exc)(f"{exc}; {self._after_failed_commit(repo, head)}") from None
         except Exception as exc:  # e.g. an LFS upload that failed mid-way
             hint = ""
             if self.endpoint != DEFAULT_ENDPOINT and "xet" in f"{exc!r}{exc.__cause__!r}".lower():

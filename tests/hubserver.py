@@ -27,7 +27,8 @@ RevisionNotFound / EntryNotFound, X-Error-Message, JSON {"error": ...}. Writes n
 <token>`` when the server has a token (401 without one, 401 "Invalid credentials in Authorization header" for an
 unknown one, 403 for a read-only token); private repositories are invisible (404 RepoNotFound) without a token.
 
-Test hooks: ``fail_next_commit(status)``, ``tamper(repo, path)`` (same size, in place), ``lfs_bytes_received``,
+Test hooks: ``fail_next_commit(status)``, ``before_next_commit(fn)`` / ``commit_directly`` (a concurrent writer),
+``tamper(repo, path)`` (same size, in place), ``lfs_bytes_received``, ``lfs_puts``,
 ``requests`` (method, path) log, ``stop()`` / ``start()`` (same port).
 """
 
@@ -113,6 +114,7 @@ class FakeHub:
         self.lfs_puts = 0
         self.requests: list[tuple[str, str]] = []
         self._fail_commits: list[int] = []
+        self._before_commit: list = []
         self._lock = threading.RLock()
         self._counter = 0
         self._server = None
@@ -165,6 +167,18 @@ class FakeHub:
 
     def fail_next_commit(self, status: int = 500, times: int = 1) -> None:
         self._fail_commits += [status] * times
+
+    def before_next_commit(self, fn) -> None:
+        """Run ``fn(hub, repo_id)`` when the next commit request arrives, before it is applied (a concurrent push)."""
+        self._before_commit.append(fn)
+
+    def commit_directly(self, repo: str, path: str, data: bytes, branch: str = "main") -> str:
+        """Another client's commit, applied server-side: adds one regular file."""
+        with self._lock:
+            r = self.repos[repo]
+            head = r.branches[branch]
+            files = {**r.commits[head].files, path: Entry(size=len(data), oid=git_oid(data), content=data)}
+            return self._add_commit(r, branch, head, f"Upload {path}", "", files).sha
 
     def tamper(self, repo: str, path: str, revision: str = "main") -> None:
         """Flip bytes of a stored file in place, keeping its size (and the oids the tree reports)."""
@@ -544,6 +558,8 @@ class FakeHub:
         return {}
 
     def _commit(self, request, repo: Repo, rev: str, body: bytes):
+        if self._before_commit:
+            self._before_commit.pop(0)(self, repo.id)
         if self._fail_commits:
             status = self._fail_commits.pop(0)
             raise HubError(status, "Internal Error - We're working hard to fix this as soon as possible!")

@@ -329,3 +329,53 @@ def test_xet_upload_to_a_non_hub_endpoint_says_how_to_fix_it(hub, reg, pack, mon
     with pytest.raises(PushError, match="set HF_HUB_DISABLE_XET=1.*shows no new commit"):
         reg.push(pack, "ns/circle")
     assert len(hub.history("ns/circle")) == 1  # only the Hub's initial commit
+
+
+def test_stray_files_make_a_repo_unpullable_until_a_push_removes_them(reg, hub, pack, tmp_path):
+    from huggingface_hub import HfApi
+
+    first = reg.push(pack, "ns/circle").commit_sha
+    HfApi(endpoint=hub.url, token=TOKEN).upload_file(path_or_fileobj=b"notes\n", path_in_repo="notes.txt",
+                                                      repo_id="ns/circle")
+    with pytest.raises(VerificationError, match=r"not a concept pack.*unexpected \['notes.txt'\]"):
+        reg.pull("ns/circle", to=tmp_path / "out")
+    fixed = reg.push(pack, "ns/circle").commit_sha  # one commit: the pack files (unchanged) + deleting notes.txt
+    assert set(hub.repos["ns/circle"].commits[fixed].files) == set(PACK_FILES) | {".gitattributes"}
+    assert reg.pull("ns/circle", to=tmp_path / "out").commit_sha == fixed != first
+
+
+def test_the_test_hub_makes_the_client_raise_its_own_exceptions(hub, hf, reg, pack):
+    """hubserver.py's error responses carry what huggingface_hub maps to its exception classes."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub import errors as hf_errors
+
+    api = HfApi(endpoint=hub.url, token=TOKEN)
+    with pytest.raises(hf_errors.RepositoryNotFoundError):
+        api.model_info("ns/nope")
+    reg.push(pack, "ns/circle")
+    with pytest.raises(hf_errors.RevisionNotFoundError):
+        api.model_info("ns/circle", revision="v404")
+    with pytest.raises(hf_errors.EntryNotFoundError):
+        hf_hub_download("ns/circle", "missing.txt", endpoint=hub.url, cache_dir=hf)
+    with pytest.raises(hf_errors.HfHubHTTPError) as info:
+        HfApi(endpoint=hub.url, token=False).create_repo("ns/other")
+    assert info.value.response.status_code == 401
+    hub.fail_next_commit(503)
+    with pytest.raises(hf_errors.HfHubHTTPError) as info:
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="ns/circle")
+    assert info.value.response.status_code == 503
+    assert api.model_info("ns/circle").sha == hub.head("ns/circle")
+    assert {s.rfilename for s in api.model_info("ns/circle").siblings} == set(PACK_FILES) | {".gitattributes"}
+
+
+def test_a_concurrent_commit_is_never_overwritten(reg, hub, pack, tmp_path, unet):
+    """The push commits with parent_commit = the head it checked: a commit that lands in between wins (HTTP 412)."""
+    reg.push(pack, "ns/circle", tag="v1")
+    other = {}
+    hub.before_next_commit(lambda h, repo: other.setdefault("sha", h.commit_directly(repo, "notes.txt", b"hi\n")))
+    with pytest.raises(PushError, match=r"HTTP 412.*main moved to .* meanwhile"):
+        reg.push(make_pack(tmp_path / "v2", unet, seed=2), "ns/circle", tag="v2")
+    assert hub.head("ns/circle") == other["sha"] and "v2" not in hub.repos["ns/circle"].tags
+    v2 = reg.push(make_pack(tmp_path / "v2b", unet, seed=2), "ns/circle", tag="v2")  # a retry sees the new head
+    assert hub.history("ns/circle")[:2] == [v2.commit_sha, other["sha"]]
+    assert "notes.txt" not in hub.repos["ns/circle"].commits[v2.commit_sha].files
