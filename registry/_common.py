@@ -97,7 +97,8 @@ def check_listing(repo: str, sha: str, names, where: str) -> None:
     missing = sorted(set(PACK_FILES) - names)
     if extra or missing:
         raise VerificationError(f"{label} is not a concept pack: it should hold exactly {list(PACK_FILES)}"
-                                + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
+                                + (f"; missing {missing}" if missing else "")
+                                + (f"; unexpected {extra}" if extra else ""))
 
 
 def verify_snapshot(repo: str, sha: str, snapshot: Path, remote: dict[str, RemoteFile] | None, where: str,

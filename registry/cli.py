@@ -112,7 +112,8 @@ def add_commands(sub, parser_class) -> None:
 
     p = sub.add_parser("pull", help="download a pack pinned to a commit sha and verify every file")
     p.add_argument("spec", metavar="NS/NAME[@REV]", help="REV: a branch, tag or 40-hex sha (default main)")
-    p.add_argument("--to", default=None, metavar="DIR", help="write the verified pack here (else: print its cache path)")
+    p.add_argument("--to", default=None, metavar="DIR",
+                   help="write the verified pack here (else: print its cache path)")
     p.add_argument("--base", default=None,
                    help="refuse the pack unless it fits this base ('toy', a pipeline directory or a Hub id)")
     p.add_argument("--lock", default=None, metavar="FILE", help="record the pinned pack in this lock file (packs.lock)")

@@ -196,7 +196,8 @@ class HubRegistry:
         if not online or _offline():
             return None
         with self._errors(repo, sha):
-            entries = [f for f in self.api.list_repo_tree(repo, revision=sha, recursive=True) if isinstance(f, RepoFile)]
+            entries = [f for f in self.api.list_repo_tree(repo, revision=sha, recursive=True)
+                       if isinstance(f, RepoFile)]
         return {f.path: RemoteFile(size=f.size, sha256=f.lfs.sha256 if f.lfs else None,
                                    git_oid=None if f.lfs else f.blob_id) for f in entries}
 

@@ -50,7 +50,8 @@ class LockEntry:
     source: str
 
     def to_json(self) -> dict:
-        return {"repo": self.repo, "revision": self.revision, "source": self.source, "files": dict(sorted(self.files.items()))}
+        return {"repo": self.repo, "revision": self.revision, "source": self.source,
+                "files": dict(sorted(self.files.items()))}
 
 
 class LockFile:
@@ -67,7 +68,8 @@ class LockFile:
         if not path.is_file():
             if missing_ok:
                 return cls(path)
-            raise InvalidArgumentError(f"no lock file {path}; write one with `erasure lock NS/NAME[@REV] --lock {path}`")
+            raise InvalidArgumentError(f"no lock file {path}; write one with "
+                                       f"`erasure lock NS/NAME[@REV] --lock {path}`")
         try:
             data = json.loads(path.read_text())
             if data.get("version") != LOCK_VERSION:
@@ -83,7 +85,8 @@ class LockFile:
                     raise ValueError(f"{name}: files must map names to sha256 hex digests")
                 entries[str(name)] = entry
         except (ValueError, KeyError, TypeError, AttributeError, InvalidArgumentError) as exc:
-            raise InvalidArgumentError(f"lock file {path} is malformed: {exc}; re-create it with `erasure lock`") from None
+            raise InvalidArgumentError(f"lock file {path} is malformed: {exc}; "
+                                       "re-create it with `erasure lock`") from None
         return cls(path, entries)
 
     def add(self, name: str, pulled: PulledPack, source: str) -> LockEntry:

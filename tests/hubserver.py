@@ -305,7 +305,8 @@ class FakeHub:
         return {
             "_id": hashlib.md5(repo.id.encode()).hexdigest()[:24], "id": repo.id, "modelId": repo.id,
             "author": repo.id.split("/")[0], "sha": sha, "private": repo.private, "disabled": False, "gated": False,
-            "downloads": 0, "likes": 0, "tags": self._model_tags(repo, sha), "library_name": self._card(repo, sha).get("library_name"),
+            "downloads": 0, "likes": 0, "tags": self._model_tags(repo, sha),
+            "library_name": self._card(repo, sha).get("library_name"),
             "createdAt": repo.created, "lastModified": commit.date, "cardData": self._card(repo, sha) or None,
             "siblings": [{"rfilename": p} for p in sorted(commit.files)],
         }
