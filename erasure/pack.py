@@ -198,7 +198,9 @@ def write_pack(out: Path, manifest_fields: dict, delta: dict[str, torch.Tensor],
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     delta = {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
-    save_file(delta, str(out / DELTA), metadata={"format": "pt", "erasure_format": str(FORMAT_VERSION)})
+    # One metadata key: safetensors writes its metadata map in hash order, so two keys make the bytes (and the
+    # sha256) of identical packs differ from run to run. The format version lives in the manifest.
+    save_file(delta, str(out / DELTA), metadata={"format": "pt"})
     (out / CARD).write_text(card)
     preview.save(out / PREVIEW)
     manifest = Manifest(
@@ -209,6 +211,8 @@ def write_pack(out: Path, manifest_fields: dict, delta: dict[str, torch.Tensor],
     tmp = out / (MANIFEST + ".tmp")
     tmp.write_text(manifest.model_dump_json(indent=2))
     tmp.replace(out / MANIFEST)
+    for name in PACK_FILES:  # save_file creates 0600 files; packs are published and served, make them readable
+        os.chmod(out / name, 0o644)
     return manifest
 
 

@@ -185,3 +185,17 @@ def test_missing_or_unexpected_files(good_pack, random_pipe, tmp_path):
     shutil.rmtree(good_pack)
     with pytest.raises(PackIntegrityError, match="no such pack"):
         ConceptPack.load(good_pack)
+
+
+def test_the_same_delta_writes_the_same_bytes_readable_by_all(random_pipe, tmp_path):
+    # Registry dedup and lock files rely on identical deltas hashing identically.
+    unet = random_pipe.unet
+    params = dict(unet.named_parameters())
+    names = [n for n in params if "attn2" in n][:6]
+    delta = {n: torch.randn_like(params[n]) for n in names}
+    digests = []
+    for i in range(3):
+        out = make_pack(tmp_path / f"p{i}", unet, delta)
+        digests.append(Manifest.model_validate_json((out / "pack.json").read_text()).files["delta.safetensors"])
+        assert all((out / f).stat().st_mode & 0o777 == 0o644 for f in ("delta.safetensors", "pack.json"))
+    assert len(set(digests)) == 1
