@@ -6,7 +6,7 @@ trajectories. Both train until the oracle reads the erased concept on at most --
 every --check-every iterations on a fixed set of train-template prompts; evaluation time is not counted).
 Prints JSON.
 
-    python bench/esd_loops.py [--concept circle] [--target 0.10] [--max-iterations 600]
+    python bench/esd_loops.py [--concept circle] [--target 0.10] [--max-iterations 600] [--template toy]
 """
 
 import argparse
@@ -35,7 +35,8 @@ def run(loop: str, args, oracle, samples, attr):
 
     pipe = load_pipeline("toy")
     cfg = ESDConfig(concepts=[args.concept], method=args.method, iterations=args.max_iterations, lr=args.lr,
-                    loop=loop, seed=args.seed, ddim_steps=args.ddim_steps)
+                    loop=loop, seed=args.seed, ddim_steps=args.ddim_steps, templates=args.template,
+                    preserve=args.preserve)
     trainer = ESDTrainer(pipe, cfg, progress=False)
     history = []
     while trainer.iteration < args.max_iterations:
@@ -65,8 +66,11 @@ def main():
     ap.add_argument("--max-iterations", type=int, default=600)
     ap.add_argument("--samples", type=int, default=40, help="prompts of the concept used for each check")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--template", action="append", default=None, help="as erasure train (default: toy)")
+    ap.add_argument("--preserve", action="append", default=[], help="as erasure train")
     ap.add_argument("--loops", nargs="+", default=["pooled", "reference"])
     args = ap.parse_args()
+    args.template = args.template or ["toy"]
     torch.manual_seed(0)
     oracle = Oracle.load()
     attr = concept_attribute(args.concept)
@@ -78,7 +82,9 @@ def main():
         results[loop] = run(loop, args, oracle, samples, attr)
         results[loop]["wall_seconds_including_checks"] = round(time.perf_counter() - start, 1)
     out = {"benchmark": "esd_loops", "concept": args.concept, "method": args.method, "lr": args.lr,
-           "ddim_steps": args.ddim_steps, "target_accuracy": args.target, "base_accuracy": base_acc,
+           "ddim_steps": args.ddim_steps,
+           "templates": args.template, "preserve": args.preserve, "target_accuracy": args.target,
+           "base_accuracy": base_acc,
            "results": results}
     if all(r["reached_target"] for r in results.values()) and {"pooled", "reference"} <= set(results):
         out["speedup_reference_over_pooled"] = round(

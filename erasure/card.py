@@ -20,7 +20,11 @@ def render_card(fields: dict, metrics: dict) -> str:
         "",
         f"ESD ({fields['method']}, eta={fields['eta']}, {fields['iterations']} iterations, lr={fields['lr']}, "
         f"x_t sampled with the {fields['sample_with']} UNet) applied to base `{base}`"
-        + (f" at revision `{fields['base']['revision']}`" if fields["base"].get("revision") else "") + ".",
+        + (f" at revision `{fields['base']['revision']}`" if fields["base"].get("revision") else "") + ". "
+        + "Training prompts: " + ", ".join(f"`{t}`" for t in fields.get("templates", ["{}"]))
+        + " (`{}` is the concept; `toy`: toy-world train prompts naming it)."
+        + (f" Preserved concepts (weight {fields.get('preserve_weight', 1.0)}): "
+           + ", ".join(f"`{c}`" for c in fields["preserve"]) + "." if fields.get("preserve") else ""),
         "The pack holds only the weight delta of the UNet tensors training touched (`delta.safetensors`) and a "
         "manifest (`pack.json`) with the sha256 of every file and a fingerprint of the base tensors it expects.",
         "",

@@ -144,7 +144,9 @@ def cmd_train(args) -> None:
     fields = {k: v for k, v in dict(
         concepts=args.concept, method=args.method, eta=args.eta, iterations=args.iterations, lr=args.lr,
         sample_with=args.sample_with, erase_from=args.erase_from, guidance=args.guidance, seed=args.seed,
-        ddim_steps=args.ddim_steps, loop=args.loop, batch_size=args.batch_size).items() if v is not None}
+        ddim_steps=args.ddim_steps, loop=args.loop, batch_size=args.batch_size,
+        templates=args.template, preserve=args.preserve, preserve_weight=args.preserve_weight,
+    ).items() if v is not None}
     try:
         cfg = ESDConfig(**fields)
     except ValidationError as exc:
@@ -223,6 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eta", type=float, default=None, help="negative guidance eta of the paper (default 1.0)")
     p.add_argument("--iterations", type=_positive_int, default=None, help="optimizer steps (default 1000)")
     p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default 1e-5, the paper's)")
+    p.add_argument("--template", action="append", default=None, metavar="TEMPLATE",
+                   help="training prompt with {} for the concept, e.g. 'a photo of {}' (repeat for several; default "
+                        "'{}', the bare name); 'toy': toy-world train prompts naming the concept")
+    p.add_argument("--preserve", action="append", default=None, metavar="CONCEPT",
+                   help="keep this concept's predictions at the base's (repeat; not in the paper, default none)")
+    p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preservation term (1.0)")
     p.add_argument("--sample-with", choices=["trained", "frozen"], default=None,
                    help="UNet that samples x_t: trained (paper, default) or frozen (official script)")
     p.add_argument("--erase-from", default=None, help="push eps(x_t, ERASE_FROM) to the concept's target")

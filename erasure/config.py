@@ -20,6 +20,13 @@ class ESDConfig(BaseModel):
     eta: float = Field(1.0, description="negative guidance of the paper (the official script's value is eta + 1)")
     iterations: int = Field(1000, gt=0, description="optimizer steps")
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper: 1e-5)")
+    templates: list[str] = Field(
+        ["{}"], min_length=1, description="training prompts: '{}' is the concept (default: the bare name, as in the "
+        "paper); one is drawn per trajectory. 'toy': toy-world train prompts naming the concept")
+    preserve: list[str] = Field(
+        [], description="concepts to keep: the UNet's prediction for each training prompt with one of these in "
+        "place of the erased concept is held to the base's (not in the paper; off by default)")
+    preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term")
     sample_with: Literal["trained", "frozen"] = Field(
         "trained", description="which UNet samples x_t: the one being trained (paper) or the frozen base (official)")
     erase_from: str | None = Field(None, description="train eps(x_t, c_from) towards the target of the concept")
@@ -42,3 +49,11 @@ class ESDConfig(BaseModel):
         if len(set(cleaned)) != len(cleaned):
             raise ValueError("a concept is listed twice")
         return cleaned
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, templates: list[str]) -> list[str]:
+        for t in templates:
+            if t != "toy" and t.count("{}") != 1:
+                raise ValueError(f"template {t!r} must contain '{{}}' exactly once (where the concept goes), or be 'toy'")
+        return templates

@@ -77,6 +77,9 @@ class Manifest(BaseModel):
     guidance: float
     ddim_steps: int
     loop: str
+    templates: list[str] = ["{}"]
+    preserve: list[str] = []
+    preserve_weight: float = 1.0
     base: BaseRef
     tensors: dict[str, TensorInfo]
     files: dict[str, str]

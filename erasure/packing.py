@@ -96,7 +96,12 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         from .toy.world import concept_attribute
 
         for c in cfg.concepts + ([cfg.erase_from] if cfg.erase_from else []):
-            concept_attribute(c)  # raises on a concept the toy world does not know
+            try:
+                concept_attribute(c)
+            except ValueError as exc:
+                raise InvalidArgumentError(f"--concept: {exc}") from None
+    elif "toy" in cfg.templates:
+        raise InvalidArgumentError("--template toy draws toy-world prompts; it needs the toy base (--base toy)")
     pipe = load_pipeline(base)
     trainer = ESDTrainer(pipe, cfg, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +142,9 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         guidance=cfg.guidance,
         ddim_steps=cfg.ddim_steps,
         loop=cfg.loop,
+        templates=cfg.templates,
+        preserve=cfg.preserve,
+        preserve_weight=cfg.preserve_weight,
         base=dict(id="toy" if toy else str(base), revision=None,
                   fingerprint=fingerprint(trainer.base_values, trainer.names)),
         metrics=metrics,

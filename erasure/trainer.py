@@ -5,8 +5,15 @@ The objective, exactly as in the paper (c0 is the empty prompt):
     target = eps*(x_t, t, c0) - eta * (eps*(x_t, t, c) - eps*(x_t, t, c0))
     loss   = || eps_theta(x_t, t, c_from) - target ||^2          (c_from = c unless --erase-from)
 
-eps* is the frozen base, eps_theta the UNet being trained (only the tensors the method selects). x_t comes from
-DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained UNet (paper) or
+eps* is the frozen base, eps_theta the UNet being trained (only the tensors the method selects). c is the concept's
+name (the paper), or a prompt drawn per trajectory from ``templates`` ("a photo of {}", or "toy": toy-world prompts
+naming the concept), since a small text encoder may not carry an erasure learnt on the bare name into longer
+prompts. c0 is then the same prompt without the concept ("a photo of"), so the negative guidance removes the
+concept and nothing else the prompt says; with the default template "{}" c0 is "", the paper's objective.
+
+``preserve`` (not in the paper; off by default) adds a term keeping the UNet's prediction for the same prompt with
+another concept in its place equal to the base's, at the same x_t: ``|| eps_theta(x_t, t, c_p) - eps*(x_t, t,
+c_p) ||^2`` with weight ``preserve_weight``, since erasing "circle" can drag its neighbours ("square") along. x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained UNet (paper) or
 the frozen one (official script). Two loops produce x_t:
 
 * ``reference``: the official per-iteration algorithm: a fresh x_t every iteration (up to ``ddim_steps`` guided
@@ -72,7 +79,7 @@ class ESDTrainer:
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(config.ddim_steps)
         self.timesteps = self.scheduler.timesteps.to(device)
-        self.emb = {text: self._encode(text) for text in {"", *config.concepts, config.erase_from or ""}}
+        self.emb: dict[str, torch.Tensor] = {}  # prompt -> text embedding, filled as prompts are drawn
         self.optimizer = torch.optim.Adam(list(self.trainable.values()), lr=config.lr)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
@@ -84,8 +91,36 @@ class ESDTrainer:
 
     @torch.no_grad()
     def _encode(self, text: str) -> torch.Tensor:
-        emb, _ = self.pipe.encode_prompt(text, self.device, 1, do_classifier_free_guidance=False)
-        return emb.to(torch.float32)
+        if text not in self.emb:
+            emb, _ = self.pipe.encode_prompt(text, self.device, 1, do_classifier_free_guidance=False)
+            self.emb[text] = emb.to(torch.float32)
+        return self.emb[text]
+
+    def _embed(self, prompts: list[str]) -> torch.Tensor:
+        return torch.cat([self._encode(p) for p in prompts])
+
+    def prompts(self, concept: str, n: int) -> list[tuple[str, str]]:
+        """``n`` (c, c0) training prompt pairs for ``concept``: a drawn template with and without the concept."""
+        out = []
+        for _ in range(n):
+            template = self.cfg.templates[int(self.rng.integers(len(self.cfg.templates)))]
+            if template == "toy":
+                from .toy.world import concept_prompt
+
+                out.append(concept_prompt(concept, self.rng))
+            else:
+                out.append((template.format(concept), " ".join(template.format("").split())))
+        return out
+
+    def _preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:
+        """Each prompt with ``concept`` replaced by a preserved concept drawn at random."""
+        import re
+
+        keep = self.cfg.preserve
+        return [re.sub(rf"\b{re.escape(concept)}\b", keep[int(self.rng.integers(len(keep)))], c) for c, _ in pairs]
+
+    def _embed_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._embed([c for c, _ in pairs]), self._embed([c0 for _, c0 in pairs])
 
     def _latent_shape(self, n: int) -> tuple[int, ...]:
         c, s = self.unet.config.in_channels, self.unet.config.sample_size
@@ -94,13 +129,14 @@ class ESDTrainer:
     # --- x_t sampling ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, concept: str, n: int, stop: int):
-        """DDIM from noise for ``stop`` steps, guided towards ``concept``. Returns the states x_0..x_stop and, per
-        step, the sampler's unconditional and conditional predictions."""
+    def sample(self, cond: torch.Tensor, stop: int):
+        """DDIM from noise for ``stop`` steps, guided towards the prompt embeddings ``cond`` (one per trajectory).
+        Returns the states x_0..x_stop and, per step, the sampler's unconditional and conditional predictions."""
         model = self.frozen if self.cfg.sample_with == "frozen" else self.unet
+        n = cond.shape[0]
         x = torch.randn(self._latent_shape(n), generator=self.generator).to(self.device)
         x = x * self.scheduler.init_noise_sigma
-        emb = torch.cat([self.emb[""].expand(n, -1, -1), self.emb[concept].expand(n, -1, -1)])
+        emb = torch.cat([self._encode("").expand(n, -1, -1), cond])
         states, eps_u, eps_c = [x], [], []
         for t in self.timesteps[:stop]:
             e = model(torch.cat([x, x]), t, emb).sample
@@ -113,22 +149,28 @@ class ESDTrainer:
         return states, eps_u, eps_c
 
     @torch.no_grad()
-    def _targets(self, x: torch.Tensor, t: torch.Tensor, concept: str) -> torch.Tensor:
-        n = x.shape[0]
-        emb = torch.cat([self.emb[""].expand(n, -1, -1), self.emb[concept].expand(n, -1, -1)])
+    def _targets(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
+        emb = torch.cat([neutral, cond])
         e0, ep = self.frozen(torch.cat([x, x]), torch.cat([t, t]), emb).sample.chunk(2)
-        self.unet_passes += 2 * n
+        self.unet_passes += 2 * x.shape[0]
         return e0 - self.cfg.eta * (ep - e0)
 
     def _refresh_pool(self) -> None:
         n, steps = self.cfg.pool_trajectories, self.cfg.ddim_steps
         for concept in self.cfg.concepts:
-            states, eps_u, eps_c = self.sample(concept, n, steps)
+            pairs = self.prompts(concept, n)
+            cond, neutral = self._embed_pairs(pairs)
+            states, eps_u, eps_c = self.sample(cond, steps)
             entry = {
                 "x": torch.cat(states[:steps]),  # x_i for i < steps, the state *before* denoising step i
                 "t": self.timesteps[:steps].repeat_interleave(n),
+                "c": cond.repeat(steps, 1, 1),  # item i * n + j was sampled with prompt j
+                "c0": neutral.repeat(steps, 1, 1),
             }
-            if self.cfg.sample_with == "frozen":  # the sampler was the frozen base: its predictions are the targets
+            if self.cfg.preserve:
+                entry["cp"] = self._embed(self._preserve_prompts(pairs, concept)).repeat(steps, 1, 1)
+            if self.cfg.sample_with == "frozen" and all(c0 == "" for _, c0 in pairs):
+                # the sampler was the frozen base and its unconditional prompt is c0: its predictions are the targets
                 e0, ep = torch.cat(eps_u), torch.cat(eps_c)
                 entry["target"] = e0 - self.cfg.eta * (ep - e0)
             self.pool[concept] = entry
@@ -138,25 +180,36 @@ class ESDTrainer:
     def _batch(self, concept: str):
         if self.cfg.loop == "reference":
             stop = int(self.rng.integers(self.cfg.ddim_steps))  # uniform over the DDIM steps, as in the paper
-            states, _, _ = self.sample(concept, 1, stop)
+            pairs = self.prompts(concept, 1)
+            cond, neutral = self._embed_pairs(pairs)
+            keep = self._embed(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
+            states, _, _ = self.sample(cond, stop)
             x, t = states[stop], self.timesteps[stop].reshape(1)
-            return x, t, self._targets(x, t, concept)
+            return x, t, cond, self._targets(x, t, cond, neutral), keep
         if self.iteration % self.cfg.refresh_every == 0 or concept not in self.pool:
             self._refresh_pool()
         pool = self.pool[concept]
         idx = torch.from_numpy(self.rng.integers(len(pool["t"]), size=self.cfg.batch_size))
-        x, t = pool["x"][idx], pool["t"][idx]
-        target = pool["target"][idx] if "target" in pool else self._targets(x, t, concept)
-        return x, t, target
+        x, t, cond = pool["x"][idx], pool["t"][idx], pool["c"][idx]
+        target = pool["target"][idx] if "target" in pool else self._targets(x, t, cond, pool["c0"][idx])
+        return x, t, cond, target, pool["cp"][idx] if "cp" in pool else None
 
     def step(self) -> float:
         concepts = self.cfg.concepts
         concept = concepts[self.iteration % len(concepts)]  # one concept per iteration, in turn
-        x, t, target = self._batch(concept)
-        source = self.cfg.erase_from or concept
-        pred = self.unet(x, t, self.emb[source].expand(x.shape[0], -1, -1)).sample
-        self.unet_passes += x.shape[0]
-        loss = F.mse_loss(pred, target)
+        x, t, cond, target, keep = self._batch(concept)
+        if self.cfg.erase_from:
+            cond = self._encode(self.cfg.erase_from).expand(x.shape[0], -1, -1)
+        if keep is None:
+            pred = self.unet(x, t, cond).sample
+            self.unet_passes += x.shape[0]
+            loss = F.mse_loss(pred, target)
+        else:  # one batched pass: the erased prompts and the preserved ones
+            with torch.no_grad():
+                keep_target = self.frozen(x, t, keep).sample
+            pred, pred_keep = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, keep])).sample.chunk(2)
+            self.unet_passes += 3 * x.shape[0]
+            loss = F.mse_loss(pred, target) + self.cfg.preserve_weight * F.mse_loss(pred_keep, keep_target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

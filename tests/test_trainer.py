@@ -51,9 +51,9 @@ def test_objective_matches_the_paper(random_pipe):
     x = torch.randn(1, 4, 16, 16)
     t = trainer.timesteps[1].reshape(1)
     with torch.no_grad():
-        e0 = trainer.frozen(x, t, trainer.emb[""]).sample
-        ep = trainer.frozen(x, t, trainer.emb["circle"]).sample
-    torch.testing.assert_close(trainer._targets(x, t, "circle"), e0 - 2.0 * (ep - e0), rtol=1e-4, atol=1e-5)
+        e0 = trainer.frozen(x, t, trainer._encode("")).sample
+        ep = trainer.frozen(x, t, trainer._encode("circle")).sample
+    torch.testing.assert_close(trainer._targets(x, t, trainer._encode("circle"), trainer._encode("")), e0 - 2.0 * (ep - e0), rtol=1e-4, atol=1e-5)
 
 
 def test_only_selected_tensors_train_and_frozen_stays_frozen(random_pipe):
@@ -74,3 +74,47 @@ def test_sdxl_style_pipelines_are_refused_clearly(random_pipe):
     random_pipe.unet.register_to_config(addition_embed_type="text_time")
     with pytest.raises(InvalidArgumentError, match="SDXL"):
         check_supported(random_pipe)
+
+
+def test_templates_draw_prompts_naming_the_concept(random_pipe):
+    cfg = ESDConfig(concepts=["circle", "red"], iterations=4, templates=["a photo of {}", "toy"], **TINY)
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    pairs = trainer.prompts("circle", 40)
+    prompts = [c for c, _ in pairs]
+    assert all("circle" in c and "circle" not in c0 and c0.split() == c.replace("circle", "").split()
+               for c, c0 in pairs)  # c0: the same prompt without the concept
+    assert ("a photo of circle", "a photo of") in pairs and len(set(prompts)) > 5  # both templates, toy varies
+    from erasure.toy.world import HELDOUT_TEMPLATES
+
+    heldout = [t.split("{obj}")[0].strip() for t in HELDOUT_TEMPLATES]
+    assert not any(p.startswith(h) for p in prompts for h in heldout)  # held-out templates stay unseen
+    trainer.train()
+    # the pool holds one embedding per (x_t, t) item, drawn from the prompts above
+    pool = trainer.pool["circle"]
+    assert pool["c"].shape[0] == pool["x"].shape[0] == pool["t"].shape[0]
+
+
+def test_a_template_without_a_slot_is_refused():
+    with pytest.raises(ValueError, match="exactly once"):
+        ESDConfig(concepts=["circle"], templates=["a photo of a circle"])
+
+
+def test_preserve_holds_other_concepts_to_the_base(random_pipe, tmp_path):
+    from conftest import make_random_toy_pipe
+
+    cfg = dict(concepts=["circle"], iterations=6, templates=["toy"], lr=3e-3, ddim_steps=4, pool_trajectories=2,
+               batch_size=2, refresh_every=3)
+    plain = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
+    kept = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve=["square"],
+                                                                      preserve_weight=50.0), progress=False)
+    assert kept._preserve_prompts([("a dotted circle", "a dotted")], "circle") == ["a dotted square"]
+    x, t = torch.randn(2, 4, 16, 16), kept.timesteps[[1, 2]]
+
+    def drift(trainer):
+        square = trainer._encode("a red square").expand(2, -1, -1)
+        with torch.no_grad():
+            return (trainer.unet(x, t, square).sample - trainer.frozen(x, t, square).sample).abs().mean().item()
+
+    for trainer in (plain, kept):
+        trainer.train()
+    assert drift(kept) < drift(plain)

@@ -108,9 +108,26 @@ def prompt_for(scene: Scene, rng: np.random.Generator, split: str = "train", syn
     templates = TEMPLATE_SPLITS[split]
     pick = (lambda words: words[rng.integers(len(words))]) if synonyms else (lambda words: words[0])
     words = [pick(SYNONYMS[scene.style]), pick(SYNONYMS[scene.color]), pick(SYNONYMS[scene.shape])]
-    obj = " ".join(w for w in words if w)
-    prompt = templates[rng.integers(len(templates))].format(obj=obj)
-    return re.sub(r"\ba (?=[aeiou])", "an ", prompt)
+    return _fill(templates[rng.integers(len(templates))], words)
+
+
+def _fill(template: str, words) -> str:
+    prompt = template.format(obj=" ".join(w for w in words if w))
+    return re.sub(r"\ba (?=[aeiou])", "an ", " ".join(prompt.split()))
+
+
+def concept_prompt(concept: str, rng: np.random.Generator) -> tuple[str, str]:
+    """A train-template prompt naming ``concept`` (by its name, never a synonym) in a random scene, and the same
+    prompt with the concept left out: ("a dotted yellow circle", "a dotted yellow").
+
+    These are the training prompts of ``erasure train --template toy``. Held-out templates and the concept's
+    synonyms stay unseen, so the evaluation's held-out column still measures generalisation."""
+    attr = concept_attribute(concept)
+    scene = dataclasses.replace(random_scene(rng), **{attr: concept})
+    words = {a: SYNONYMS[getattr(scene, a)][0] if a == attr else SYNONYMS[getattr(scene, a)][
+        rng.integers(len(SYNONYMS[getattr(scene, a)]))] for a in ("style", "color", "shape")}
+    template = TRAIN_TEMPLATES[rng.integers(len(TRAIN_TEMPLATES))]
+    return _fill(template, words.values()), _fill(template, [w for a, w in words.items() if a != attr])
 
 
 def vocabulary() -> list[str]:
