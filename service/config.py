@@ -1,0 +1,134 @@
+"""Service configuration: one pydantic model holding every option (the table in service/README.md mirrors it).
+
+Read from a YAML file: ``$ERASURE_SERVICE_CONFIG`` if set, else ``service/config.yaml``. Relative paths in the
+file (``lock``, ``registry``) are taken from the file's directory, so a config and its lock travel together.
+Top-level scalar options can be overridden by environment variables ``ERASURE_SERVICE_<OPTION>`` (upper case,
+e.g. ``ERASURE_SERVICE_DEVICE=cuda``, ``ERASURE_SERVICE_LOCK=/srv/packs.lock``), which wins over the file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml  # PyYAML: already a BentoML dependency (bentofile.yaml), no new requirement
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from erasure.errors import InvalidArgumentError
+
+CONFIG_ENV = "ERASURE_SERVICE_CONFIG"
+ENV_PREFIX = "ERASURE_SERVICE_"
+DEFAULT_CONFIG = Path(__file__).parent / "config.yaml"
+
+
+class PackEntry(BaseModel):
+    """A pack pulled from ``registry`` by repository instead of from the lock."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="the name requests use for this pack")
+    repo: str = Field(description="repository id in the registry, e.g. toy/circle")
+    revision: str = Field("main", description="branch, tag or 40-hex sha; resolved (pinned) once at start-up")
+
+
+class Limits(BaseModel):
+    """Request limits; anything outside is a 400 that says the allowed range."""
+
+    model_config = ConfigDict(extra="forbid")
+    max_steps: int = Field(50, ge=1, description="largest `steps` a request may ask for")
+    max_size: int = Field(128, ge=8, description="largest `width` / `height` in pixels")
+    max_images: int = Field(4, ge=1, description="largest `num_images` per request")
+    max_prompt_chars: int = Field(300, ge=1, description="longest `prompt` / `negative_prompt` in characters")
+    max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale`")
+
+
+class ServiceConfig(BaseModel):
+    """Every option of the service. See service/README.md for a table with examples."""
+
+    model_config = ConfigDict(extra="forbid")
+    base: str = Field("toy", description="base pipeline: 'toy' (shipped), a local diffusers directory or a Hub id")
+    base_revision: str | None = Field(None, description="Hub revision of `base` (ignored for 'toy' and directories)")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1', ...")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="model dtype")
+    lock: str | None = Field("packs.lock", description="packs.lock to load packs from (pinned shas, file hashes)")
+    registry: str | None = Field(None, description="local registry directory or http(s) Hub endpoint for "
+                                                    "`packs` entries given by repo; None: the shipped registry")
+    packs: Literal["all"] | list[str | PackEntry] = Field(
+        "all", description="'all' (every pack in the lock), or a list of lock names and {name, repo, revision}")
+    mandatory: list[str] = Field(default_factory=list, description="packs applied to every request")
+    scales: dict[str, float] = Field(default_factory=dict, description="pack name -> scale (default 1.0)")
+    default_steps: int = Field(20, ge=1, description="`steps` when a request gives none")
+    default_guidance: float = Field(3.0, ge=0, description="`guidance_scale` when a request gives none")
+    default_size: int | None = Field(None, description="width/height when a request gives none; None: the "
+                                                       "base model's native size (64 for the toy)")
+    limits: Limits = Field(default_factory=Limits)
+    threads: int = Field(4, ge=1, description="requests one worker runs concurrently (BentoML `threads`)")
+    workers: int = Field(1, ge=1, description="BentoML worker processes (each loads the model)")
+    timeout: int = Field(300, ge=1, description="request timeout in seconds (BentoML traffic.timeout)")
+    precompose: bool = Field(True, description="build the mandatory set and mandatory+each optional pack at "
+                                               "start-up so no first request pays for it")
+    precompose_sets: list[list[str]] = Field(default_factory=list, description="further pack sets to build at "
+                                                                                "start-up (optional names)")
+    pack_set_cache: int = Field(8, ge=0, description="pack-set UNets kept beyond the precomposed ones (LRU)")
+    torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads at start-up; None: torch's")
+
+    source_path: Path | None = Field(None, exclude=True, description="(set by load) the file this came from")
+
+    @field_validator("mandatory")
+    @classmethod
+    def _unique(cls, v: list[str]) -> list[str]:
+        if len(set(v)) != len(v):
+            raise ValueError(f"mandatory lists a pack twice: {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "ServiceConfig":
+        if self.packs != "all":
+            names = [p if isinstance(p, str) else p.name for p in self.packs]
+            dup = sorted({n for n in names if names.count(n) > 1})
+            if dup:
+                raise ValueError(f"packs lists {dup} more than once")
+        return self
+
+    @property
+    def home(self) -> Path:
+        return self.source_path.parent if self.source_path else Path.cwd()
+
+    def resolve_path(self, value: str | None) -> Path | None:
+        if value is None:
+            return None
+        p = Path(value).expanduser()
+        return p if p.is_absolute() else self.home / p
+
+    def pack_names(self, lock_names: list[str]) -> list[str]:
+        """Names of the packs to load, in config order ('all': the lock's, sorted)."""
+        if self.packs == "all":
+            return sorted(lock_names)
+        return [p if isinstance(p, str) else p.name for p in self.packs]
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None = None, env: dict[str, str] | None = None) -> "ServiceConfig":
+        """The config from ``path`` (else $ERASURE_SERVICE_CONFIG, else service/config.yaml) plus env overrides."""
+        env = dict(os.environ if env is None else env)
+        path = Path(path or env.get(CONFIG_ENV) or DEFAULT_CONFIG).expanduser().absolute()
+        if not path.is_file():
+            raise InvalidArgumentError(f"service config {path} does not exist (set {CONFIG_ENV} to a YAML file)")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise InvalidArgumentError(f"service config {path} is not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise InvalidArgumentError(f"service config {path} must be a mapping of options")
+        for name, field in cls.model_fields.items():
+            key = ENV_PREFIX + name.upper()
+            if key in env and name != "source_path":
+                raw = env[key]
+                if name in ("mandatory", "packs") and raw != "all":
+                    data[name] = [x.strip() for x in raw.split(",") if x.strip()]  # comma-separated names
+                else:
+                    data[name] = None if raw.lower() in ("none", "null") else raw
+        try:
+            return cls.model_validate({**data, "source_path": path})
+        except ValidationError as exc:
+            errors = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise InvalidArgumentError(f"service config {path}: {errors}") from None

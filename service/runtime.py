@@ -1,0 +1,259 @@
+"""What the service does at load time and per request, without any HTTP: pull, verify, compose, generate.
+
+Race-free per-request packs. The base pipeline is loaded once and never mutated afterwards. Each distinct pack set
+(mandatory packs + the ones a request names, sorted) gets its own UNet from ``erasure.compose.shared_copy``: the
+copy shares every untouched parameter tensor with the base, only the tensors the packs touch are new (for esd-x,
+the cross-attention weights: ~6 % of the toy UNet). Copies live in a small LRU cache keyed by the pack set and are
+built once under a per-key lock; the sets known at start-up are precomposed and pinned. Every request then runs a
+*fresh* pipeline object (shared vae / text encoder, a per-thread tokenizer, the pack-set UNet, a new scheduler from
+config), because diffusers pipelines and schedulers keep per-call mutable state (timesteps, step index, guidance
+scale). Nothing a request does is visible to another request, so no lock is held while generating.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+import dataclasses
+import logging
+import threading
+import time
+from typing import Any
+
+import torch
+
+from erasure.compose import shared_copy
+from erasure.errors import ErasureError
+from erasure.pack import ConceptPack
+
+from .config import ServiceConfig
+
+logger = logging.getLogger("erasure.service")
+
+PackSet = tuple[str, ...]  # sorted pack names
+
+
+class StartupError(RuntimeError):
+    """The service refuses to become ready (fail closed); the message names the pack and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedPack:
+    name: str
+    pack: ConceptPack
+    scale: float
+    mandatory: bool
+    repo: str
+    sha: str  # 40-hex commit the pack was pinned to
+    source: str
+
+    def info(self) -> dict[str, Any]:
+        m = self.pack.manifest
+        return {"name": self.name, "concepts": list(m.concepts), "method": m.method, "mandatory": self.mandatory,
+                "scale": self.scale, "sha": self.sha, "repo": self.repo, "source": self.source,
+                "base": m.base.id, "tensors": len(m.tensors)}
+
+
+@dataclasses.dataclass
+class _Entry:
+    unet: torch.nn.Module
+    build_seconds: float
+    extra_bytes: int  # memory of the tensors this copy does not share with the base
+    pinned: bool
+
+
+class PackSetCache:
+    """Pack set -> UNet (shared_copy of the base). Built once per key; unpinned entries are evicted LRU."""
+
+    def __init__(self, base_unet: torch.nn.Module, packs: dict[str, LoadedPack], capacity: int):
+        self.base_unet, self.packs, self.capacity = base_unet, packs, capacity
+        self._base_ptrs = {p.data_ptr() for p in base_unet.parameters()}
+        self._entries: collections.OrderedDict[PackSet, _Entry] = collections.OrderedDict()
+        self._building: dict[PackSet, threading.Lock] = {}
+        self._lock = threading.Lock()
+
+    def get(self, key: PackSet, pin: bool = False) -> tuple[torch.nn.Module, bool]:
+        """The UNet for ``key`` and whether this call built it."""
+        if not key:
+            return self.base_unet, False
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._entries.move_to_end(key)
+                entry.pinned |= pin
+                return entry.unet, False
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # one thread builds a key; others wait for it, other keys go on in parallel
+            with self._lock:
+                entry = self._entries.get(key)
+                if entry is not None:
+                    return entry.unet, False
+            t0 = time.perf_counter()
+            unet = shared_copy(self.base_unet, [(self.packs[n].pack, self.packs[n].scale) for n in key])
+            seconds = time.perf_counter() - t0
+            extra = sum(p.numel() * p.element_size() for p in unet.parameters() if p.data_ptr() not in self._base_ptrs)
+            with self._lock:
+                self._entries[key] = _Entry(unet, seconds, extra, pin)
+                self._building.pop(key, None)
+                self._evict()
+            logger.info("composed pack set %s in %.3f s (+%.2f MB)", list(key), seconds, extra / 2**20)
+            return unet, True
+
+    def _evict(self) -> None:
+        unpinned = [k for k, e in self._entries.items() if not e.pinned]
+        for key in unpinned[: max(0, len(unpinned) - self.capacity)]:
+            del self._entries[key]
+
+    def stats(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [{"packs": list(k), "build_seconds": round(e.build_seconds, 4), "extra_bytes": e.extra_bytes,
+                     "pinned": e.pinned} for k, e in self._entries.items()]
+
+
+def _device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+class Runtime:
+    """The loaded base pipeline, the verified packs and the pack-set cache."""
+
+    def __init__(self, config: ServiceConfig):
+        from erasure.pipeline import default_size, load_pipeline
+
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        self.device = _device(config.device)
+        dtype = getattr(torch, config.dtype)
+        t0 = time.perf_counter()
+        try:
+            self.pipe = load_pipeline(config.base, device=self.device, dtype=dtype, revision=config.base_revision)
+        except ErasureError as exc:
+            raise StartupError(f"base pipeline {config.base!r}: {exc}") from None
+        for module in self.pipe.components.values():
+            if isinstance(module, torch.nn.Module):
+                module.eval().requires_grad_(False)
+        self.base_seconds = time.perf_counter() - t0
+        unet = self.pipe.unet
+        self.native_size = default_size(self.pipe)
+        # width/height must survive the VAE and every UNet downsampling without rounding
+        self.size_multiple = self.pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.packs = self._load_packs()
+        self.mandatory: PackSet = tuple(sorted(config.mandatory))
+        self.cache = PackSetCache(unet, self.packs, config.pack_set_cache)
+        self._local = threading.local()
+        self.precompose_seconds = self._precompose()
+
+    # --- start-up -----------------------------------------------------------------------------------------------
+
+    def _load_packs(self) -> dict[str, LoadedPack]:
+        cfg = self.config
+        from registry import DEFAULT_REGISTRY, open_registry, registry_for_source
+        from registry.lock import LockFile
+
+        entries = {p.name: p for p in (cfg.packs if cfg.packs != "all" else []) if not isinstance(p, str)}
+        lock = None
+        lock_path = cfg.resolve_path(cfg.lock)
+        if cfg.packs == "all" or any(isinstance(p, str) for p in cfg.packs):
+            if lock_path is None:
+                raise StartupError("packs are taken from the lock but `lock` is not set")
+            try:
+                lock = LockFile.load(lock_path)
+            except ErasureError as exc:
+                raise StartupError(str(exc)) from None
+        names = cfg.pack_names(list(lock.entries) if lock else [])
+        for option in ("mandatory", "scales"):
+            unknown = sorted(set(getattr(cfg, option)) - set(names))
+            if unknown:
+                raise StartupError(f"`{option}` names pack(s) {unknown} that are not loaded (loaded: {names})")
+        registry = None
+        out: dict[str, LoadedPack] = {}
+        for name in names:
+            try:
+                if name in entries:
+                    e = entries[name]
+                    if registry is None:
+                        reg_path = cfg.registry
+                        if reg_path and not reg_path.startswith(("http://", "https://")):
+                            reg_path = str(cfg.resolve_path(reg_path))
+                        # never open_registry() bare: it would follow $HF_ENDPOINT; None means the shipped one
+                        registry = registry_for_source(reg_path) if reg_path else open_registry(
+                            registry_dir=DEFAULT_REGISTRY)
+                    pulled = registry.pull(e.repo, e.revision)
+                    source = registry.source
+                else:
+                    if name not in lock.entries:
+                        raise StartupError(f"pack {name!r}: not in the lock {lock_path} "
+                                           f"(it locks {sorted(lock.entries) or 'nothing'})")
+                    pulled = lock.fetch([name])[name]
+                    source = lock.entries[name].source
+                pack = ConceptPack.load(pulled.path)
+                pack.verify_against(self.pipe.unet)  # refuse a pack built for another base
+            except StartupError:
+                raise
+            except (ErasureError, OSError, ValueError) as exc:
+                raise StartupError(f"pack {name!r}: {exc}") from None
+            out[name] = LoadedPack(name=name, pack=pack, scale=float(cfg.scales.get(name, 1.0)),
+                                   mandatory=name in cfg.mandatory, repo=pulled.repo, sha=pulled.commit_sha,
+                                   source=source)
+            logger.info("pack %r verified: %s@%s (%s, %s)", name, pulled.repo, pulled.commit_sha[:12],
+                        pack.manifest.method, ", ".join(pack.manifest.concepts))
+        return out
+
+    def _precompose(self) -> float:
+        cfg = self.config
+        sets: list[PackSet] = []
+        if cfg.precompose:
+            sets.append(self.mandatory)
+            sets += [self.pack_set([n]) for n in self.packs if n not in self.mandatory]
+        for names in cfg.precompose_sets:
+            unknown = sorted(set(names) - set(self.packs))
+            if unknown:
+                raise StartupError(f"precompose_sets names pack(s) {unknown} that are not loaded")
+            sets.append(self.pack_set(names))
+        t0 = time.perf_counter()
+        for key in dict.fromkeys(sets):
+            try:
+                self.cache.get(key, pin=True)
+            except ErasureError as exc:
+                raise StartupError(f"pack set {list(key)}: {exc}") from None
+        return time.perf_counter() - t0
+
+    # --- per request --------------------------------------------------------------------------------------------
+
+    def pack_set(self, requested) -> PackSet:
+        return tuple(sorted(set(self.mandatory) | set(requested)))
+
+    def _tokenizer(self):
+        # Tokenizers keep caches and (fast ones) a Rust object that refuses concurrent use: one per thread.
+        tok = getattr(self._local, "tokenizer", None)
+        if tok is None:
+            tok = self._local.tokenizer = copy.deepcopy(self.pipe.tokenizer)
+        return tok
+
+    def fresh_pipeline(self, unet):
+        """A new pipeline object: shared read-only modules, this pack set's UNet, its own scheduler."""
+        base = self.pipe
+        parts = dict(base.components)
+        parts.update(unet=unet, tokenizer=self._tokenizer(),
+                     scheduler=type(base.scheduler).from_config(base.scheduler.config))
+        pipe = type(base)(**parts)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def generate(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
+                 width: int, height: int, seeds: list[int]) -> tuple[list, bool]:
+        """One image per seed, each from its own generator and its own batch-1 call, so image i depends only on
+        (prompt, seeds[i], settings, pack set), never on the other images or on concurrent requests."""
+        unet, built = self.cache.get(key)
+        pipe = self.fresh_pipeline(unet)
+        images = []
+        with torch.inference_mode():
+            for seed in seeds:
+                out = pipe(prompt=[prompt], negative_prompt=[negative_prompt] if negative_prompt else None,
+                           num_inference_steps=steps, guidance_scale=guidance, height=height, width=width,
+                           generator=torch.Generator("cpu").manual_seed(int(seed)), output_type="pil")
+                images.append(out.images[0])
+        return images, built

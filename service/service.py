@@ -1,0 +1,208 @@
+"""The BentoML service. ``bentoml serve service.service:ErasureService`` (or ``make serve``).
+
+Configuration: service/config.yaml, or the YAML file ``$ERASURE_SERVICE_CONFIG`` names (service/README.md lists
+every option). Start-up pulls the configured packs pinned to their commit, verifies them (hashes, base
+fingerprint) and composes the known pack sets; any refusal stops the service before it is ready (fail closed).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import logging
+import time
+import typing as t
+
+import bentoml
+from PIL import Image
+from pydantic import ValidationError
+from pydantic_core import PydanticCustomError
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .config import ServiceConfig
+from .models import MAX_SEED, POLICY, GenerateRequest, GenerateResponse, PacksResponse
+
+logger = logging.getLogger("erasure.service")
+CONFIG = ServiceConfig.load()  # read at import: threads/workers/timeout go into the decorator below
+
+_metrics: dict[str, t.Any] = {}
+_current: dict[str, "ErasureService"] = {}
+
+
+def _get_metrics() -> dict[str, t.Any]:
+    # Created on first use, not at import: BentoML sets PROMETHEUS_MULTIPROC_DIR in the worker after importing us.
+    if not _metrics:
+        import prometheus_client as prom
+
+        _metrics["requests"] = prom.Counter("erasure_pack_requests", "Generate requests per applied pack",
+                                            labelnames=["pack"])
+        _metrics["compose"] = prom.Histogram("erasure_pack_set_compose_seconds", "Time to compose one pack-set UNet",
+                                             labelnames=["when"],
+                                             buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+    return _metrics
+
+
+def _request_error(problems: list[tuple[str, str]]) -> ValidationError:
+    """A 400 shaped exactly like BentoML's own for pydantic errors ({"error", "detail": [{loc, msg}]}), so a
+    client reads one format whether a field failed its type or a configured limit (InvalidArgument would answer a
+    bare list)."""
+    return ValidationError.from_exception_data("GenerateRequest", [
+        {"type": PydanticCustomError("limit", msg), "loc": (field,), "input": None} for field, msg in problems])
+
+
+# GET /packs (BentoML API routes are POST only; POST /packs is the same content, for bentoml clients).
+async def _get_packs(request: Request) -> JSONResponse:
+    svc = _current.get("svc")
+    if svc is None:
+        return JSONResponse({"error": "the service is not ready"}, status_code=503)
+    return JSONResponse(svc.packs_info().model_dump(mode="json"))
+
+
+_extra_routes = Starlette(routes=[Route("/packs", _get_packs, methods=["GET"])])
+
+
+@bentoml.asgi_app(_extra_routes, path="/")
+@bentoml.service(name="erasure", workers=CONFIG.workers, threads=CONFIG.threads,
+                 traffic={"timeout": CONFIG.timeout})
+class ErasureService:
+    """Text-to-image with concept-erasure packs: mandatory packs always apply, requests may add optional ones."""
+
+    def __init__(self) -> None:
+        from .runtime import Runtime, StartupError
+
+        self._ready = False
+        self.config = CONFIG
+        try:
+            self.runtime = Runtime(CONFIG)
+        except StartupError as exc:
+            # Fail closed: the worker dies here, the server never reports ready; this line says which pack and why.
+            logger.error("erasure service refusing to start: %s", exc)
+            raise
+        rt = self.runtime
+        POLICY["mandatory"] = rt.mandatory
+        metrics = _get_metrics()
+        for entry in rt.cache.stats():
+            metrics["compose"].labels(when="startup").observe(entry["build_seconds"])
+        logger.info("erasure service ready: base %s on %s, packs %s (mandatory %s), %d pack sets precomposed in "
+                    "%.2f s", CONFIG.base, rt.device, sorted(rt.packs), list(rt.mandatory), len(rt.cache.stats()),
+                    rt.precompose_seconds)
+        _current["svc"] = self
+        self._ready = True
+
+    def __is_ready__(self) -> bool:
+        return self._ready
+
+    # --- APIs ---------------------------------------------------------------------------------------------------
+
+    @bentoml.api(input_spec=GenerateRequest)
+    def generate(self, ctx: bentoml.Context, **fields: t.Any) -> Image.Image:
+        """One PNG (num_images > 1: the images side by side in one PNG, image i from seed + i). Headers:
+        X-Erasure-Packs, X-Erasure-Pack-Shas, X-Erasure-Seed, X-Erasure-Seeds, X-Erasure-Mandatory."""
+        result = self._generate(GenerateRequest.model_construct(**fields))
+        images = result.pop("pil")
+        ctx.response.headers.update({
+            "X-Erasure-Packs": ",".join(result["packs"]),
+            "X-Erasure-Pack-Shas": ",".join(f"{n}={s}" for n, s in result["pack_shas"].items()),
+            "X-Erasure-Seed": str(result["seeds"][0]),
+            "X-Erasure-Seeds": ",".join(map(str, result["seeds"])),
+            "X-Erasure-Mandatory": ",".join(result["mandatory"]),
+            "X-Erasure-Pack-Set-Built": str(result["pack_set_built"]).lower(),
+        })
+        if len(images) == 1:
+            return images[0]
+        grid = Image.new("RGB", (sum(im.width for im in images), max(im.height for im in images)))
+        x = 0
+        for im in images:
+            grid.paste(im, (x, 0))
+            x += im.width
+        return grid
+
+    @bentoml.api(input_spec=GenerateRequest)
+    def generate_json(self, **fields: t.Any) -> GenerateResponse:
+        """The images as base64 PNGs, with the seeds, packs, pinned shas and settings used."""
+        result = self._generate(GenerateRequest.model_construct(**fields))
+        images = []
+        for im in result.pop("pil"):
+            buf = io.BytesIO()
+            im.save(buf, format="PNG")
+            images.append(base64.b64encode(buf.getvalue()).decode())
+        return GenerateResponse(images=images, **result)
+
+    @bentoml.api(route="/packs")
+    def packs(self) -> PacksResponse:
+        """The loaded packs (name, concepts, method, mandatory, scale, pinned sha, repo), limits and defaults."""
+        return self.packs_info()
+
+    def packs_info(self) -> PacksResponse:
+        rt, cfg = self.runtime, self.config
+        return PacksResponse(
+            base=cfg.base, device=rt.device, dtype=cfg.dtype, mandatory=list(rt.mandatory),
+            packs=[p.info() for p in rt.packs.values()],
+            defaults={"steps": cfg.default_steps, "guidance_scale": cfg.default_guidance,
+                      "width": cfg.default_size or rt.native_size, "height": cfg.default_size or rt.native_size},
+            limits={**cfg.limits.model_dump(), "size_multiple": rt.size_multiple},
+            pack_sets=rt.cache.stats(),
+        )
+
+    # --- the work -----------------------------------------------------------------------------------------------
+
+    def _settings(self, req: GenerateRequest) -> dict[str, t.Any]:
+        """Apply defaults and check the configured limits; every problem found goes into one 400."""
+        rt, cfg, lim = self.runtime, self.config, self.config.limits
+        size = cfg.default_size or rt.native_size
+        s = {"steps": req.steps or cfg.default_steps,
+             "guidance": cfg.default_guidance if req.guidance_scale is None else req.guidance_scale,
+             "width": req.width or size, "height": req.height or size}
+        problems: list[tuple[str, str]] = []
+        unknown = [p for p in req.packs if p not in rt.packs]
+        if unknown:
+            problems.append(("packs", f"unknown pack(s) {unknown}; loaded packs: {sorted(rt.packs) or 'none'} "
+                                      "(GET /packs lists them)"))
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(req, field) or ""
+            if len(text) > lim.max_prompt_chars:
+                problems.append((field, f"{field} is {len(text)} characters; shorten it to at most "
+                                        f"{lim.max_prompt_chars}"))
+        if s["steps"] > lim.max_steps:
+            problems.append(("steps", f"steps is {s['steps']}; use 1 to {lim.max_steps}"))
+        if s["guidance"] > lim.max_guidance:
+            problems.append(("guidance_scale", f"guidance_scale is {s['guidance']}; use 0 to {lim.max_guidance}"))
+        for field in ("width", "height"):
+            v = s[field]
+            if v > lim.max_size or v % rt.size_multiple:
+                problems.append((field, f"{field} is {v}; use a multiple of {rt.size_multiple} up to "
+                                        f"{lim.max_size} (default {size})"))
+        if req.num_images > lim.max_images:
+            problems.append(("num_images", f"num_images is {req.num_images}; use 1 to {lim.max_images}"))
+        if req.seed + req.num_images - 1 > MAX_SEED:
+            problems.append(("seed", f"seed + num_images - 1 must be at most {MAX_SEED}"))
+        if problems:
+            raise _request_error(problems)
+        return s
+
+    def _generate(self, req: GenerateRequest) -> dict[str, t.Any]:
+        s = self._settings(req)
+        rt = self.runtime
+        key = rt.pack_set(req.packs)
+        seeds = [req.seed + i for i in range(req.num_images)]
+        t0 = time.perf_counter()
+        images, built = rt.generate(key, req.prompt, req.negative_prompt, s["steps"], s["guidance"], s["width"],
+                                    s["height"], seeds)
+        seconds = time.perf_counter() - t0
+        metrics = _get_metrics()
+        for name in key:
+            metrics["requests"].labels(pack=name).inc()
+        if not key:
+            metrics["requests"].labels(pack="(none)").inc()
+        if built:
+            entry = next((e for e in rt.cache.stats() if tuple(e["packs"]) == key), None)
+            if entry:
+                metrics["compose"].labels(when="request").observe(entry["build_seconds"])
+        return {"pil": images, "seeds": seeds, "packs": list(key),
+                "pack_shas": {n: rt.packs[n].sha for n in key}, "mandatory": list(rt.mandatory),
+                "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": s["steps"],
+                "guidance_scale": s["guidance"], "width": s["width"], "height": s["height"],
+                "pack_set_built": built, "seconds": round(seconds, 4)}
