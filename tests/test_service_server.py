@@ -1,0 +1,174 @@
+"""The service through a real ``bentoml serve`` subprocess (one per session, shared) and ``bentoml build``.
+
+Same world as tests/test_service.py: packs circle, red, striped, square (mandatory) from a test registry."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from service_helpers import commit_dir, make_world, write_config
+
+REPO = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).parent / "bentoml")
+STEPS = 4
+SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(config: Path, home: Path, log: Path, port: int, **env) -> subprocess.Popen:
+    environment = {**os.environ, "ERASURE_SERVICE_CONFIG": str(config), "BENTOML_HOME": str(home),
+                   "BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.Popen([BENTOML, "serve", "service.service:ErasureService", "--port", str(port),
+                             "--host", "127.0.0.1"], cwd=REPO, env=environment, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # our own process group (start_new_session)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, toy_pipe):
+    import bentoml
+
+    root = tmp_path_factory.mktemp("server-world")
+    lock = make_world(root, toy_pipe.unet)
+    config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS)
+    port, log = free_port(), root / "serve.log"
+    proc = serve(config, root / "bentoml-home", log, port)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        client = bentoml.SyncHTTPClient(url, server_ready_timeout=180)
+    except Exception:
+        stop(proc)
+        raise AssertionError(f"bentoml serve did not become ready:\n{log.read_text()[-3000:]}")
+    yield {"url": url, "client": client, "lock": lock, "log": log}
+    client.close()
+    stop(proc)
+
+
+def post(url: str, **body) -> httpx.Response:
+    body.setdefault("prompt", "a red circle")
+    body.setdefault("steps", STEPS)
+    r = httpx.post(f"{url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_server_generates_a_png_with_headers(server):
+    r = post(server["url"], packs=["circle"], seed=5)
+    assert r.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(r.content)).size == (64, 64)
+    assert r.headers["x-erasure-packs"] == "circle,square" and r.headers["x-erasure-seed"] == "5"
+    locked = json.loads(server["lock"].read_text())["packs"]
+    assert r.headers["x-erasure-pack-shas"] == ",".join(f"{n}={locked[n]['revision']}" for n in ("circle", "square"))
+    assert post(server["url"], packs=["circle"], seed=5).content == r.content
+    assert httpx.get(f"{server['url']}/readyz").status_code == 200
+
+
+def test_server_concurrent_requests_match_sequential(server):
+    requests = [{"prompt": ["a red circle", "a blue square"][i % 2], "packs": SETS[i % 4], "seed": i // 4}
+                for i in range(32)]
+    alone = [post(server["url"], **r).content for r in requests]
+    with cf.ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda r: post(server["url"], **r).content, requests))
+    assert together == alone
+
+
+def test_server_bentoml_client(server):
+    from bentoml.exceptions import BentoMLException
+
+    client = server["client"]
+    packs = client.packs()
+    packs = packs if isinstance(packs, dict) else packs.model_dump()
+    assert sorted(p["name"] for p in packs["packs"]) == ["circle", "red", "square", "striped"]
+    assert packs["mandatory"] == ["square"]
+    out = client.generate_json(prompt="a red circle", packs=["red"], seed=2, steps=STEPS, num_images=2)
+    out = out if isinstance(out, dict) else out.model_dump()
+    assert out["seeds"] == [2, 3] and out["packs"] == ["red", "square"] and len(out["images"]) == 2
+    with pytest.raises(BentoMLException, match="unknown pack"):
+        client.generate_json(prompt="a red circle", packs=["nope"])
+    assert httpx.get(f"{server['url']}/packs").json()["packs"] == packs["packs"]
+
+
+def test_server_bad_input_is_4xx(server):
+    url = server["url"]
+    for body in ({"prompt": ""}, {"prompt": "x", "packs": ["nope"]}, {"prompt": "x", "steps": 10_000},
+                 {"prompt": "x", "disable": ["square"]}, {"prompt": "x", "nope": 1}, {"prompt": "x", "seed": "a"}):
+        r = httpx.post(f"{url}/generate", json=body, timeout=60)
+        assert r.status_code == 400, (body, r.text)
+    r = httpx.post(f"{url}/generate", content=b"{", headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400
+
+
+def test_server_metrics(server):
+    post(server["url"], packs=["striped"], seed=1)
+    text = httpx.get(f"{server['url']}/metrics").text
+    assert 'erasure_pack_requests_total{pack="striped"}' in text
+    assert "erasure_pack_set_compose_seconds_count" in text
+
+
+def test_server_refuses_a_tampered_pack(tmp_path, toy_pipe):
+    """Fail closed: the worker raises in __init__ with a line naming the pack, /readyz never answers 200; with
+    BENTOML_CONTAINERIZED (set in BentoML images) circus does not respawn and the server exits non-zero."""
+    lock = make_world(tmp_path, toy_pipe.unet, packs={"circle": ("circle",), "red": ("red",)})
+    delta = commit_dir(lock, "red") / "delta.safetensors"
+    data = bytearray(delta.read_bytes())
+    data[100] ^= 1
+    delta.write_bytes(bytes(data))
+    port, log = free_port(), tmp_path / "serve.log"
+    proc = serve(write_config(tmp_path / "c.yaml", lock), tmp_path / "home", log, port, BENTOML_CONTAINERIZED="1")
+    try:
+        deadline = time.time() + 120
+        while proc.poll() is None and time.time() < deadline:
+            try:
+                assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code != 200
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        assert proc.poll() is not None and proc.returncode != 0, log.read_text()[-2000:]
+    finally:
+        stop(proc)
+    text = log.read_text()
+    assert "erasure service refusing to start: pack 'red'" in text and "sha256 of delta.safetensors" in text
+
+
+def test_bentoml_build(tmp_path):
+    """Offline (no index): the Bento holds the service, both packages, the toy model and the shipped registry."""
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True",
+           "PIP_NO_INDEX": "1", "UV_OFFLINE": "1"}
+    r = subprocess.run([BENTOML, "build", ".", "--output", "tag"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [bento] = [p for p in (tmp_path / "home" / "bentos" / "erasure").iterdir() if p.name != "latest"]
+    src = bento / "src"
+    for rel in ("service/service.py", "service/config.yaml", "erasure/pack.py", "registry/lock.py",
+                "registry/toy-registry/registry.json", "erasure/toy/assets/base/model_index.json",
+                "erasure/toy/assets/base/unet/diffusion_pytorch_model.safetensors"):
+        assert (src / rel).is_file(), rel
+    assert not list(src.rglob("__pycache__")) and not (src / "tests").exists()
+    assert "diffusers" in (bento / "env" / "python" / "requirements.txt").read_text()
