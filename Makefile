@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup serve test test-slow bench toy clean
+.PHONY: setup serve test test-slow bench bench-service toy clean
 
 setup: $(STAMP)
 
@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	touch $@
 
+# The BentoML service on :3000 with service/config.yaml (ERASURE_SERVICE_CONFIG=other.yaml to change it).
 serve: setup
-	$(VENV)/bin/erasure generate "a striped red star" --out serve-demo.png
-	@echo "(the BentoML service lands with the service issue; until then \`make serve\` generates with the toy model)"
+	$(VENV)/bin/bentoml serve service.service:ErasureService
 
 test: setup
 	$(PY) -m pytest -q
@@ -29,6 +29,10 @@ test-slow: setup
 
 bench: setup
 	$(PY) bench/generate_speed.py
+
+# Service latency / throughput / pack-switch cost as JSON (in-process ASGI; see service/README.md).
+bench-service: setup
+	$(PY) bench/service_bench.py
 
 # Rebuild the embedded toy base model and oracle from scratch (about an hour on 2 cores; resumable).
 toy: setup
