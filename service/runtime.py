@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
+import inspect
 import logging
 import threading
 import time
@@ -239,6 +240,9 @@ class Runtime:
         parts = dict(base.components)
         parts.update(unet=unet, tokenizer=self._tokenizer(),
                      scheduler=type(base.scheduler).from_config(base.scheduler.config))
+        if "requires_safety_checker" in inspect.signature(type(base).__init__).parameters:
+            # as loaded; the default (True) would log a warning on every request when there is no safety checker
+            parts["requires_safety_checker"] = bool(base.config.get("requires_safety_checker", False))
         pipe = type(base)(**parts)
         pipe.set_progress_bar_config(disable=True)
         return pipe
