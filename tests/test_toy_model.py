@@ -1,0 +1,51 @@
+"""The shipped toy base model and oracle: what every erasure figure stands on."""
+
+import numpy as np
+import pytest
+
+from erasure.evaluate import evaluate
+from erasure.pipeline import TOY_DEFAULTS, generate
+from erasure.toy.oracle import evaluate_oracle
+
+
+def test_oracle_reads_fresh_renders(oracle):
+    acc = evaluate_oracle(oracle, n=600, seed=12345)  # a seed the oracle's training never drew
+    assert all(acc[head] >= 0.98 for head in ("shape", "color", "style")), acc
+
+
+def test_shipped_base_is_a_real_stable_diffusion_pipeline(toy_pipe):
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    assert isinstance(toy_pipe, StableDiffusionPipeline)
+    assert isinstance(toy_pipe.unet, UNet2DConditionModel) and isinstance(toy_pipe.vae, AutoencoderKL)
+    assert isinstance(toy_pipe.text_encoder, CLIPTextModel) and isinstance(toy_pipe.tokenizer, CLIPTokenizer)
+    assert isinstance(toy_pipe.scheduler, DDIMScheduler)
+    assert any(".attn2." in name for name, _ in toy_pipe.unet.named_parameters())
+
+
+def test_generation_depends_only_on_prompt_and_seed(toy_pipe):
+    alone = generate(toy_pipe, ["a red star"], [7], steps=6)[0]
+    batched = generate(toy_pipe, ["a blue square", "a red star"], [1, 7], steps=6)
+    again = generate(toy_pipe, ["a red star"], [7], steps=6)[0]
+    assert np.array_equal(np.asarray(alone), np.asarray(again))
+    assert np.abs(np.asarray(alone, np.int16) - np.asarray(batched[1], np.int16)).max() <= 2  # batching: fp noise
+    assert not np.array_equal(np.asarray(alone), np.asarray(batched[0]))
+
+
+def test_base_model_draws_what_it_is_asked(toy_pipe, oracle):
+    report = evaluate(toy_pipe, oracle, samples=40, splits=("train", "heldout"), steps=TOY_DEFAULTS["steps"],
+                      guidance=TOY_DEFAULTS["guidance"], progress=False)
+    for split in ("train", "heldout"):
+        overall = report.splits[split].overall
+        assert overall["shape"] >= 0.8 and overall["color"] >= 0.85 and overall["style"] >= 0.7, (split, overall)
+
+
+@pytest.mark.parametrize("prompt", ["a disc", "a crimson plus sign"])
+def test_synonyms_mean_the_same_thing(toy_pipe, oracle, prompt):
+    images = generate(toy_pipe, [prompt] * 4, list(range(4)))
+    read = oracle.classify(np.stack([np.asarray(im) for im in images]))
+    if "disc" in prompt:
+        assert list(read["shape"]).count("circle") >= 3
+    else:
+        assert list(read["color"]).count("red") >= 3 and list(read["shape"]).count("cross") >= 3
