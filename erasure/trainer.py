@@ -13,7 +13,9 @@ concept and nothing else the prompt says; with the default template "{}" c0 is "
 
 ``preserve`` (not in the paper; off by default) adds a term keeping the UNet's prediction for the same prompt with
 another concept in its place equal to the base's, at the same x_t: ``|| eps_theta(x_t, t, c_p) - eps*(x_t, t,
-c_p) ||^2`` with weight ``preserve_weight``, since erasing "circle" can drag its neighbours ("square") along. x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained UNet (paper) or
+c_p) ||^2`` with weight ``preserve_weight``, since erasing "circle" can drag its neighbours ("square") along.
+
+x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained UNet (paper) or
 the frozen one (official script). Two loops produce x_t:
 
 * ``reference``: the official per-iteration algorithm: a fresh x_t every iteration (up to ``ddim_steps`` guided
