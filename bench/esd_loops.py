@@ -7,6 +7,7 @@ every --check-every iterations on a fixed set of train-template prompts; evaluat
 Prints JSON.
 
     python bench/esd_loops.py [--concept circle] [--target 0.10] [--max-iterations 600] [--template toy]
+        [--preserve square --preserve triangle --preserve-weight 5]
 """
 
 import argparse
@@ -36,7 +37,8 @@ def run(loop: str, args, oracle, samples, attr):
     pipe = load_pipeline("toy")
     cfg = ESDConfig(concepts=[args.concept], method=args.method, iterations=args.max_iterations, lr=args.lr,
                     loop=loop, seed=args.seed, ddim_steps=args.ddim_steps, templates=args.template,
-                    preserve=args.preserve)
+                    preserve=args.preserve, preserve_weight=args.preserve_weight, batch_size=args.batch_size,
+                    refresh_every=args.refresh_every)
     trainer = ESDTrainer(pipe, cfg, progress=False)
     history = []
     while trainer.iteration < args.max_iterations:
@@ -68,6 +70,9 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--template", action="append", default=None, help="as erasure train (default: toy)")
     ap.add_argument("--preserve", action="append", default=[], help="as erasure train")
+    ap.add_argument("--preserve-weight", type=float, default=5.0, help="as erasure train (default 5, as `make packs`)")
+    ap.add_argument("--batch-size", type=int, default=4, help="pooled loop: x_t per step (default 4, as train)")
+    ap.add_argument("--refresh-every", type=int, default=20, help="pooled loop: resample the pool every N steps")
     ap.add_argument("--loops", nargs="+", default=["pooled", "reference"])
     args = ap.parse_args()
     args.template = args.template or ["toy"]
@@ -83,7 +88,9 @@ def main():
         results[loop]["wall_seconds_including_checks"] = round(time.perf_counter() - start, 1)
     out = {"benchmark": "esd_loops", "concept": args.concept, "method": args.method, "lr": args.lr,
            "ddim_steps": args.ddim_steps,
-           "templates": args.template, "preserve": args.preserve, "target_accuracy": args.target,
+           "templates": args.template, "preserve": args.preserve,
+           "preserve_weight": args.preserve_weight,
+           "pooled_batch_size": args.batch_size, "pooled_refresh_every": args.refresh_every, "target_accuracy": args.target,
            "base_accuracy": base_acc,
            "results": results}
     if all(r["reached_target"] for r in results.values()) and {"pooled", "reference"} <= set(results):

@@ -24,7 +24,9 @@ def render_card(fields: dict, metrics: dict) -> str:
         + "Training prompts: " + ", ".join(f"`{t}`" for t in fields.get("templates", ["{}"]))
         + " (`{}` is the concept; `toy`: toy-world train prompts naming it)."
         + (f" Preserved concepts (weight {fields.get('preserve_weight', 1.0)}): "
-           + ", ".join(f"`{c}`" for c in fields["preserve"]) + "." if fields.get("preserve") else ""),
+           + ", ".join(f"`{c}`" for c in fields["preserve"]) + "." if fields.get("preserve") else "")
+        + (" Anchors (c0 names one of these in place of the concept): "
+           + ", ".join(f"`{c}`" for c in fields["anchor"]) + "." if fields.get("anchor") else ""),
         "The pack holds only the weight delta of the UNet tensors training touched (`delta.safetensors`) and a "
         "manifest (`pack.json`) with the sha256 of every file and a fingerprint of the base tensors it expects.",
         "",

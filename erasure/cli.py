@@ -145,7 +145,7 @@ def cmd_train(args) -> None:
         concepts=args.concept, method=args.method, eta=args.eta, iterations=args.iterations, lr=args.lr,
         sample_with=args.sample_with, erase_from=args.erase_from, guidance=args.guidance, seed=args.seed,
         ddim_steps=args.ddim_steps, loop=args.loop, batch_size=args.batch_size,
-        templates=args.template, preserve=args.preserve, preserve_weight=args.preserve_weight,
+        templates=args.template, preserve=args.preserve, preserve_weight=args.preserve_weight, anchor=args.anchor,
     ).items() if v is not None}
     try:
         cfg = ESDConfig(**fields)
@@ -231,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve", action="append", default=None, metavar="CONCEPT",
                    help="keep this concept's predictions at the base's (repeat; not in the paper, default none)")
     p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preservation term (1.0)")
+    p.add_argument("--anchor", action="append", default=None, metavar="CONCEPT",
+                   help="c0 names this concept instead of leaving the erased one out (repeat: one drawn per "
+                        "trajectory; not in the paper). For a base that draws the concept when it is not named")
     p.add_argument("--sample-with", choices=["trained", "frozen"], default=None,
                    help="UNet that samples x_t: trained (paper, default) or frozen (official script)")
     p.add_argument("--erase-from", default=None, help="push eps(x_t, ERASE_FROM) to the concept's target")

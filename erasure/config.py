@@ -27,6 +27,9 @@ class ESDConfig(BaseModel):
         [], description="concepts to keep: the UNet's prediction for each training prompt with one of these in "
         "place of the erased concept is held to the base's (not in the paper; off by default)")
     preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term")
+    anchor: list[str] = Field(
+        [], description="concepts standing in for the erased one in c0, one drawn per trajectory (not in the "
+        "paper; default none: c0 leaves the concept out). For a base that draws the concept when it is not named")
     sample_with: Literal["trained", "frozen"] = Field(
         "trained", description="which UNet samples x_t: the one being trained (paper) or the frozen base (official)")
     erase_from: str | None = Field(None, description="train eps(x_t, c_from) towards the target of the concept")

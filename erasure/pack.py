@@ -80,6 +80,8 @@ class Manifest(BaseModel):
     templates: list[str] = ["{}"]
     preserve: list[str] = []
     preserve_weight: float = 1.0
+    anchor: list[str] = []
+    batch_size: int = 4
     base: BaseRef
     tensors: dict[str, TensorInfo]
     files: dict[str, str]

@@ -145,6 +145,8 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         templates=cfg.templates,
         preserve=cfg.preserve,
         preserve_weight=cfg.preserve_weight,
+        anchor=cfg.anchor,
+        batch_size=cfg.batch_size,
         base=dict(id="toy" if toy else str(base), revision=None,
                   fingerprint=fingerprint(trainer.base_values, trainer.names)),
         metrics=metrics,

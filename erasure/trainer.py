@@ -12,11 +12,17 @@ prompts. c0 is then the same prompt without the concept ("a photo of"), so the n
 concept and nothing else the prompt says; with the default template "{}" c0 is "", the paper's objective.
 
 ``preserve`` (not in the paper; off by default) adds a term keeping the UNet's prediction for the same prompt with
-another concept in its place equal to the base's, at the same x_t: ``|| eps_theta(x_t, t, c_p) - eps*(x_t, t,
-c_p) ||^2`` with weight ``preserve_weight``, since erasing "circle" can drag its neighbours ("square") along.
+another concept in its place equal to the base's: ``|| eps_theta(x'_t, t, c_p) - eps*(x'_t, t, c_p) ||^2`` with
+weight ``preserve_weight``, since erasing "circle" can drag its neighbours ("square") along. x'_t is sampled like
+x_t but conditioned on c_p, at the same step.
 
-x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained UNet (paper) or
-the frozen one (official script). Two loops produce x_t:
+``anchor`` (not in the paper; off by default) puts another concept in c0 instead of leaving the erased one out
+("a dotted red circle" for "a dotted red square"). A base that draws the concept when nothing is named (the toy
+base draws a square for "a dotted red") gives eps*(x_t, c0) ~ eps*(x_t, c), and the negative guidance has nothing
+to push against.
+
+x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained
+UNet (paper) or the frozen one (official script). Two loops produce x_t:
 
 * ``reference``: the official per-iteration algorithm: a fresh x_t every iteration (up to ``ddim_steps`` guided
   UNet passes), then 3 UNet passes and 1 backward. Sampling dominates the cost.
@@ -112,14 +118,20 @@ class ESDTrainer:
                 out.append(concept_prompt(concept, self.rng))
             else:
                 out.append((template.format(concept), " ".join(template.format("").split())))
+        if self.cfg.anchor:
+            out = [(c, c0) for (c, _), c0 in zip(out, self._swap(out, concept, self.cfg.anchor))]
         return out
+
+    def _swap(self, pairs: list[tuple[str, str]], concept: str, choices: list[str]) -> list[str]:
+        """Each prompt c with ``concept`` replaced by one of ``choices`` drawn at random."""
+        import re
+
+        return [re.sub(rf"\b{re.escape(concept)}\b", choices[int(self.rng.integers(len(choices)))], c)
+                for c, _ in pairs]
 
     def _preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:
         """Each prompt with ``concept`` replaced by a preserved concept drawn at random."""
-        import re
-
-        keep = self.cfg.preserve
-        return [re.sub(rf"\b{re.escape(concept)}\b", keep[int(self.rng.integers(len(keep)))], c) for c, _ in pairs]
+        return self._swap(pairs, concept, self.cfg.preserve)
 
     def _embed_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
         return self._embed([c for c, _ in pairs]), self._embed([c0 for _, c0 in pairs])
@@ -170,7 +182,11 @@ class ESDTrainer:
                 "c0": neutral.repeat(steps, 1, 1),
             }
             if self.cfg.preserve:
-                entry["cp"] = self._embed(self._preserve_prompts(pairs, concept)).repeat(steps, 1, 1)
+                # the preserved prompts get trajectories of their own: held on the concept's x_t only, the base
+                # behaviour does not carry over to images of the preserved concept (measured on the toy base)
+                keep = self._embed(self._preserve_prompts(pairs, concept))
+                entry["cp"] = keep.repeat(steps, 1, 1)
+                entry["xp"] = torch.cat(self.sample(keep, steps)[0][:steps])
             if self.cfg.sample_with == "frozen" and all(c0 == "" for _, c0 in pairs):
                 # the sampler was the frozen base and its unconditional prompt is c0: its predictions are the targets
                 e0, ep = torch.cat(eps_u), torch.cat(eps_c)
@@ -184,9 +200,12 @@ class ESDTrainer:
             stop = int(self.rng.integers(self.cfg.ddim_steps))  # uniform over the DDIM steps, as in the paper
             pairs = self.prompts(concept, 1)
             cond, neutral = self._embed_pairs(pairs)
-            keep = self._embed(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
             states, _, _ = self.sample(cond, stop)
             x, t = states[stop], self.timesteps[stop].reshape(1)
+            keep = None
+            if self.cfg.preserve:
+                cp = self._embed(self._preserve_prompts(pairs, concept))
+                keep = (self.sample(cp, stop)[0][stop], cp)
             return x, t, cond, self._targets(x, t, cond, neutral), keep
         if self.iteration % self.cfg.refresh_every == 0 or concept not in self.pool:
             self._refresh_pool()
@@ -194,7 +213,7 @@ class ESDTrainer:
         idx = torch.from_numpy(self.rng.integers(len(pool["t"]), size=self.cfg.batch_size))
         x, t, cond = pool["x"][idx], pool["t"][idx], pool["c"][idx]
         target = pool["target"][idx] if "target" in pool else self._targets(x, t, cond, pool["c0"][idx])
-        return x, t, cond, target, pool["cp"][idx] if "cp" in pool else None
+        return x, t, cond, target, (pool["xp"][idx], pool["cp"][idx]) if "cp" in pool else None
 
     def step(self) -> float:
         concepts = self.cfg.concepts
@@ -207,9 +226,11 @@ class ESDTrainer:
             self.unet_passes += x.shape[0]
             loss = F.mse_loss(pred, target)
         else:  # one batched pass: the erased prompts and the preserved ones
+            x_keep, c_keep = keep
             with torch.no_grad():
-                keep_target = self.frozen(x, t, keep).sample
-            pred, pred_keep = self.unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, keep])).sample.chunk(2)
+                keep_target = self.frozen(x_keep, t, c_keep).sample
+            both = self.unet(torch.cat([x, x_keep]), torch.cat([t, t]), torch.cat([cond, c_keep])).sample
+            pred, pred_keep = both.chunk(2)
             self.unet_passes += 3 * x.shape[0]
             loss = F.mse_loss(pred, target) + self.cfg.preserve_weight * F.mse_loss(pred_keep, keep_target)
         self.optimizer.zero_grad(set_to_none=True)

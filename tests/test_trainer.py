@@ -118,3 +118,25 @@ def test_preserve_holds_other_concepts_to_the_base(random_pipe, tmp_path):
     for trainer in (plain, kept):
         trainer.train()
     assert drift(kept) < drift(plain)
+
+
+def test_preserved_prompts_get_trajectories_of_their_own(random_pipe):
+    cfg = ESDConfig(concepts=["circle"], iterations=1, templates=["toy"], ddim_steps=4, pool_trajectories=2,
+                    preserve=["square"])
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    trainer._refresh_pool()
+    pool = trainer.pool["circle"]
+    assert pool["xp"].shape == pool["x"].shape and pool["cp"].shape == pool["c"].shape
+    assert torch.equal(pool["t"][: 2], trainer.timesteps[[0, 0]])  # item i * n + j: step i of trajectory j
+    assert not torch.equal(pool["xp"], pool["x"])
+
+
+def test_anchor_names_another_concept_in_c0(random_pipe):
+    plain = ESDTrainer(random_pipe, ESDConfig(concepts=["square"], templates=["a photo of {}"]), progress=False)
+    assert plain.prompts("square", 1) == [("a photo of square", "a photo of")]
+    cfg = ESDConfig(concepts=["square"], templates=["toy"], anchor=["circle", "star"])
+    pairs = ESDTrainer(random_pipe, cfg, progress=False).prompts("square", 20)
+    for c, c0 in pairs:
+        assert "square" in c.split() and "square" not in c0.split()
+        assert c0 in {c.replace("square", "circle"), c.replace("square", "star")}
+    assert {w for _, c0 in pairs for w in c0.split() if w in ("circle", "star")} == {"circle", "star"}
