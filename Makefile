@@ -52,12 +52,12 @@ packs: setup
 	rm -rf $(PACKS) && mkdir -p $(PACKS)
 	$(ERASURE) train --concept circle --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 5 \
 		$(call SHAPES_BUT,circle) --out $(PACKS)/circle
-	$(ERASURE) train --concept red --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 5 \
+	$(ERASURE) train --concept red --method esd-x $(ESD_TOY) --lr 2e-4 --iterations 300 --preserve-weight 20 \
 		$(call ANCHORS,red,red green blue yellow purple) --out $(PACKS)/red
 	$(ERASURE) train --concept striped --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 5 \
 		--preserve dotted --preserve outlined --out $(PACKS)/striped
 	$(ERASURE) train --concept square --method esd-u $(ESD_TOY) --lr 1e-4 --iterations 300 --batch-size 16 \
-		--preserve-weight 10 $(call ANCHORS,square,circle square triangle star cross) --delta-dtype float16 \
+		--preserve-weight 20 $(call ANCHORS,square,circle square triangle star cross) --delta-dtype float16 \
 		--out $(PACKS)/square
 	for p in circle red striped square; do \
 		$(ERASURE) push $(PACKS)/$$p --repo toy/$$p --tag $(PACK_TAG) --registry registry/toy-registry || exit 1; done
