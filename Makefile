@@ -39,7 +39,7 @@ toy: setup
 	$(VENV)/bin/erasure toy build
 
 # Train the four shipped toy packs, publish them to the shipped registry and lock them for the service
-# (about 20 minutes on 2 cores). Tags are immutable: bump PACK_TAG to publish a retrained set.
+# (about 10 minutes on 2 cores). Tags are immutable: bump PACK_TAG to publish a retrained set.
 # Why each option: README.md, "ESD on the toy world".
 ERASURE  := $(VENV)/bin/erasure
 PACKS    := build/packs

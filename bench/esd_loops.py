@@ -90,7 +90,8 @@ def main():
            "ddim_steps": args.ddim_steps,
            "templates": args.template, "preserve": args.preserve,
            "preserve_weight": args.preserve_weight,
-           "pooled_batch_size": args.batch_size, "pooled_refresh_every": args.refresh_every, "target_accuracy": args.target,
+           "pooled_batch_size": args.batch_size, "pooled_refresh_every": args.refresh_every,
+           "target_accuracy": args.target,
            "base_accuracy": base_acc,
            "results": results}
     if all(r["reached_target"] for r in results.values()) and {"pooled", "reference"} <= set(results):

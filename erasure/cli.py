@@ -151,7 +151,9 @@ def cmd_train(args) -> None:
         cfg = ESDConfig(**fields)
     except ValidationError as exc:
         first = exc.errors()[0]
-        raise InvalidArgumentError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        where = ".".join(map(str, first["loc"]))
+        msg = first["msg"].removeprefix("Value error, ")
+        raise InvalidArgumentError(f"{where}: {msg}" if where else msg) from None
     import torch
 
     from .packing import train_pack

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ESDConfig(BaseModel):
@@ -60,3 +60,11 @@ class ESDConfig(BaseModel):
             if t != "toy" and t.count("{}") != 1:
                 raise ValueError(f"template {t!r} must contain '{{}}' exactly once (where the concept goes), or be 'toy'")
         return templates
+
+    @model_validator(mode="after")
+    def _others_are_others(self) -> "ESDConfig":
+        for option in ("preserve", "anchor"):
+            same = sorted(set(getattr(self, option)) & set(self.concepts))
+            if same:
+                raise ValueError(f"{option} names an erased concept ({', '.join(same)}); list other concepts")
+        return self

@@ -140,3 +140,10 @@ def test_anchor_names_another_concept_in_c0(random_pipe):
         assert "square" in c.split() and "square" not in c0.split()
         assert c0 in {c.replace("square", "circle"), c.replace("square", "star")}
     assert {w for _, c0 in pairs for w in c0.split() if w in ("circle", "star")} == {"circle", "star"}
+
+
+def test_an_erased_concept_cannot_be_its_own_anchor_or_preserved():
+    with pytest.raises(ValueError, match="anchor names an erased concept"):
+        ESDConfig(concepts=["square"], anchor=["circle", "square"])
+    with pytest.raises(ValueError, match="preserve names an erased concept"):
+        ESDConfig(concepts=["square"], preserve=["square"])
