@@ -40,7 +40,7 @@ toy: setup
 
 # Train the four shipped toy packs, publish them to the shipped registry and lock them for the service
 # (about 10 minutes on 2 cores). Tags are immutable: bump PACK_TAG to publish a retrained set.
-# Why each option: README.md, "ESD on the toy world".
+# Why each option: README.md, "ESD: ... what this project adds" and "The toy world and its figures".
 ERASURE  := $(VENV)/bin/erasure
 PACKS    := build/packs
 PACK_TAG ?= v2
