@@ -41,6 +41,7 @@ Example:
 from __future__ import annotations
 
 import copy
+import re
 import time
 from pathlib import Path
 
@@ -124,8 +125,6 @@ class ESDTrainer:
 
     def _swap(self, pairs: list[tuple[str, str]], concept: str, choices: list[str]) -> list[str]:
         """Each prompt c with ``concept`` replaced by one of ``choices`` drawn at random."""
-        import re
-
         return [re.sub(rf"\b{re.escape(concept)}\b", choices[int(self.rng.integers(len(choices)))], c)
                 for c, _ in pairs]
 
@@ -185,8 +184,11 @@ class ESDTrainer:
                 # the preserved prompts get trajectories of their own: held on the concept's x_t only, the base
                 # behaviour does not carry over to images of the preserved concept (measured on the toy base)
                 keep = self._embed(self._preserve_prompts(pairs, concept))
+                kept_states, _, kept_eps = self.sample(keep, steps)
                 entry["cp"] = keep.repeat(steps, 1, 1)
-                entry["xp"] = torch.cat(self.sample(keep, steps)[0][:steps])
+                entry["xp"] = torch.cat(kept_states[:steps])
+                if self.cfg.sample_with == "frozen":  # the frozen sampler's predictions are the preserve targets
+                    entry["keep_target"] = torch.cat(kept_eps)
             if self.cfg.sample_with == "frozen" and all(c0 == "" for _, c0 in pairs):
                 # the sampler was the frozen base and its unconditional prompt is c0: its predictions are the targets
                 e0, ep = torch.cat(eps_u), torch.cat(eps_c)
@@ -205,7 +207,7 @@ class ESDTrainer:
             keep = None
             if self.cfg.preserve:
                 cp = self._embed(self._preserve_prompts(pairs, concept))
-                keep = (self.sample(cp, stop)[0][stop], cp)
+                keep = (self.sample(cp, stop)[0][stop], cp, None)
             return x, t, cond, self._targets(x, t, cond, neutral), keep
         if self.iteration % self.cfg.refresh_every == 0 or concept not in self.pool:
             self._refresh_pool()
@@ -213,7 +215,10 @@ class ESDTrainer:
         idx = torch.from_numpy(self.rng.integers(len(pool["t"]), size=self.cfg.batch_size))
         x, t, cond = pool["x"][idx], pool["t"][idx], pool["c"][idx]
         target = pool["target"][idx] if "target" in pool else self._targets(x, t, cond, pool["c0"][idx])
-        return x, t, cond, target, (pool["xp"][idx], pool["cp"][idx]) if "cp" in pool else None
+        keep = None
+        if "cp" in pool:
+            keep = (pool["xp"][idx], pool["cp"][idx], pool["keep_target"][idx] if "keep_target" in pool else None)
+        return x, t, cond, target, keep
 
     def step(self) -> float:
         concepts = self.cfg.concepts
@@ -226,9 +231,10 @@ class ESDTrainer:
             self.unet_passes += x.shape[0]
             loss = F.mse_loss(pred, target)
         else:  # one batched pass: the erased prompts and the preserved ones
-            x_keep, c_keep = keep
-            with torch.no_grad():
-                keep_target = self.frozen(x_keep, t, c_keep).sample
+            x_keep, c_keep, keep_target = keep
+            if keep_target is None:
+                with torch.no_grad():
+                    keep_target = self.frozen(x_keep, t, c_keep).sample
             both = self.unet(torch.cat([x, x_keep]), torch.cat([t, t]), torch.cat([cond, c_keep])).sample
             pred, pred_keep = both.chunk(2)
             self.unet_passes += 3 * x.shape[0]

@@ -131,6 +131,17 @@ def test_preserved_prompts_get_trajectories_of_their_own(random_pipe):
     assert not torch.equal(pool["xp"], pool["x"])
 
 
+def test_frozen_sampling_caches_the_preserve_targets(random_pipe):
+    cfg = ESDConfig(concepts=["circle"], iterations=1, templates=["toy"], ddim_steps=4, pool_trajectories=2,
+                    preserve=["square"], sample_with="frozen")
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    trainer._refresh_pool()
+    pool = trainer.pool["circle"]
+    with torch.no_grad():  # the cache must be what the step would otherwise compute: eps*(x'_t, t, c_p)
+        expected = trainer.frozen(pool["xp"], pool["t"], pool["cp"]).sample
+    torch.testing.assert_close(pool["keep_target"], expected, rtol=1e-4, atol=1e-5)
+
+
 def test_anchor_names_another_concept_in_c0(random_pipe):
     plain = ESDTrainer(random_pipe, ESDConfig(concepts=["square"], templates=["a photo of {}"]), progress=False)
     assert plain.prompts("square", 1) == [("a photo of square", "a photo of")]
