@@ -145,6 +145,7 @@ def cmd_train(args) -> None:
         concepts=args.concept, method=args.method, eta=args.eta, iterations=args.iterations, lr=args.lr,
         sample_with=args.sample_with, erase_from=args.erase_from, guidance=args.guidance, seed=args.seed,
         ddim_steps=args.ddim_steps, loop=args.loop, batch_size=args.batch_size,
+        refresh_every=args.refresh_every, pool_trajectories=args.pool_trajectories,
         templates=args.template, preserve=args.preserve, preserve_weight=args.preserve_weight, anchor=args.anchor,
     ).items() if v is not None}
     try:
@@ -244,6 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", choices=["pooled", "reference"], default=None,
                    help="pooled (fast, default) or reference (the official per-iteration loop)")
     p.add_argument("--batch-size", type=_positive_int, default=None, help="x_t per step, pooled loop (4)")
+    p.add_argument("--refresh-every", type=_positive_int, default=None,
+                   help="pooled loop: resample the trajectories every N iterations (20)")
+    p.add_argument("--pool-trajectories", type=_positive_int, default=None,
+                   help="pooled loop: trajectories sampled per concept per refresh (4)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--base", default="toy", help="'toy' (shipped default), a pipeline directory, or a Hub id")
     p.add_argument("--out", required=True, help="pack directory to write")

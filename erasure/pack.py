@@ -82,6 +82,8 @@ class Manifest(BaseModel):
     preserve_weight: float = 1.0
     anchor: list[str] = []
     batch_size: int = 4
+    refresh_every: int = 20  # pooled loop; packs written before these fields existed used 20 and 4
+    pool_trajectories: int = 4
     base: BaseRef
     tensors: dict[str, TensorInfo]
     files: dict[str, str]

@@ -147,6 +147,8 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         preserve_weight=cfg.preserve_weight,
         anchor=cfg.anchor,
         batch_size=cfg.batch_size,
+        refresh_every=cfg.refresh_every,
+        pool_trajectories=cfg.pool_trajectories,
         base=dict(id="toy" if toy else str(base), revision=None,
                   fingerprint=fingerprint(trainer.base_values, trainer.names)),
         metrics=metrics,

@@ -48,3 +48,26 @@ def test_help_is_fast_and_lists_commands():
     assert proc.returncode == 0
     for cmd in ("generate", "eval", "train", "toy"):
         assert cmd in proc.stdout
+
+
+def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
+    from erasure.methods import select_parameters
+    from erasure.pack import ConceptPack
+    from erasure.pipeline import load_pipeline
+
+    out = tmp_path / "circle"
+    proc = run("train", "--concept", "circle", "--method", "esd-x", "--template", "toy", "--iterations", "3",
+               "--lr", "1e-3", "--ddim-steps", "4", "--batch-size", "2", "--refresh-every", "2",
+               "--pool-trajectories", "1", "--preserve", "square", "--anchor", "star", "--eval-samples", "0",
+               "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    pack = ConceptPack.load(out)
+    m = pack.manifest
+    assert (m.concepts, m.method, m.iterations, m.ddim_steps) == (["circle"], "esd-x", 3, 4)
+    assert (m.batch_size, m.refresh_every, m.pool_trajectories) == (2, 2, 1)
+    assert (m.templates, m.preserve, m.anchor) == (["toy"], ["square"], ["star"])
+    assert sorted(m.tensors) == sorted(select_parameters(load_pipeline("toy").unet, "esd-x"))
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n") and "concept-erasure" in card and "esd" in card
+    assert (out / "preview.png").stat().st_size > 0
+    assert not (out / ".esd-checkpoint.pt").exists() and "wrote pack 'circle'" in proc.stdout
