@@ -25,6 +25,8 @@ def render_card(fields: dict, metrics: dict) -> str:
         + " (`{}` is the concept; `toy`: toy-world train prompts naming it)."
         + (f" Preserved concepts (weight {fields.get('preserve_weight', 1.0)}): "
            + ", ".join(f"`{c}`" for c in fields["preserve"]) + "." if fields.get("preserve") else "")
+        + (f" The empty prompt's prediction (guidance's unconditional branch) is held to the base's (weight "
+           f"{fields.get('preserve_weight', 1.0)})." if fields.get("preserve_unconditional") else "")
         + (" Anchors (c0 names one of these in place of the concept): "
            + ", ".join(f"`{c}`" for c in fields["anchor"]) + "." if fields.get("anchor") else ""),
         "The pack holds only the weight delta of the UNet tensors training touched (`delta.safetensors`) and a "

@@ -146,7 +146,8 @@ def cmd_train(args) -> None:
         sample_with=args.sample_with, erase_from=args.erase_from, guidance=args.guidance, seed=args.seed,
         ddim_steps=args.ddim_steps, loop=args.loop, batch_size=args.batch_size,
         refresh_every=args.refresh_every, pool_trajectories=args.pool_trajectories,
-        templates=args.template, preserve=args.preserve, preserve_weight=args.preserve_weight, anchor=args.anchor,
+        templates=args.template, preserve=args.preserve, preserve_weight=args.preserve_weight,
+        preserve_unconditional=args.preserve_unconditional, anchor=args.anchor,
     ).items() if v is not None}
     try:
         cfg = ESDConfig(**fields)
@@ -234,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preserve", action="append", default=None, metavar="CONCEPT",
                    help="keep this concept's predictions at the base's (repeat; not in the paper, default none)")
     p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preservation term (1.0)")
+    p.add_argument("--preserve-unconditional", action="store_true", default=None,
+                   help="also keep the empty prompt's predictions (the unconditional branch of guidance) at the base's")
     p.add_argument("--anchor", action="append", default=None, metavar="CONCEPT",
                    help="c0 names this concept instead of leaving the erased one out (repeat: one drawn per "
                         "trajectory; not in the paper). For a base that draws the concept when it is not named")

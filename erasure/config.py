@@ -26,6 +26,9 @@ class ESDConfig(BaseModel):
     preserve: list[str] = Field(
         [], description="concepts to keep: the UNet's prediction for each training prompt with one of these in "
         "place of the erased concept is held to the base's (not in the paper; off by default)")
+    preserve_unconditional: bool = Field(
+        False, description="also hold the empty prompt's prediction (guidance's unconditional branch) to the base's "
+        "on every x_t of the step, with preserve_weight (not in the paper; off by default)")
     preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term")
     anchor: list[str] = Field(
         [], description="concepts standing in for the erased one in c0, one drawn per trajectory (not in the "

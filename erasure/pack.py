@@ -80,6 +80,7 @@ class Manifest(BaseModel):
     templates: list[str] = ["{}"]
     preserve: list[str] = []
     preserve_weight: float = 1.0
+    preserve_unconditional: bool = False
     anchor: list[str] = []
     batch_size: int = 4
     refresh_every: int = 20  # pooled loop; packs written before these fields existed used 20 and 4

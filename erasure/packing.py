@@ -145,6 +145,7 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         templates=cfg.templates,
         preserve=cfg.preserve,
         preserve_weight=cfg.preserve_weight,
+        preserve_unconditional=cfg.preserve_unconditional,
         anchor=cfg.anchor,
         batch_size=cfg.batch_size,
         refresh_every=cfg.refresh_every,

@@ -16,6 +16,11 @@ another concept in its place equal to the base's: ``|| eps_theta(x'_t, t, c_p) -
 weight ``preserve_weight``, since erasing "circle" can drag its neighbours ("square") along. x'_t is sampled like
 x_t but conditioned on c_p, at the same step.
 
+``preserve_unconditional`` (not in the paper; off by default) holds the empty prompt's prediction to the base's on
+every x_t of the step, with the same weight. Classifier-free guidance reads eps(x, c) - eps(x, ""): ESD moves
+eps(x, "") too, which cancels part of the erasure and shifts every other prompt (on the toy base, red stayed at
+72-100 % until this term was added, then fell to 0-10 % with every other colour >= 95 %).
+
 ``anchor`` (not in the paper; off by default) puts another concept in c0 instead of leaving the erased one out
 ("a dotted red circle" for "a dotted red square"). A base that draws the concept when nothing is named (the toy
 base draws a square for "a dotted red") gives eps*(x_t, c0) ~ eps*(x_t, c), and the negative guidance has nothing
@@ -173,7 +178,12 @@ class ESDTrainer:
         for concept in self.cfg.concepts:
             pairs = self.prompts(concept, n)
             cond, neutral = self._embed_pairs(pairs)
-            states, eps_u, eps_c = self.sample(cond, steps)
+            keep = self._embed(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else cond[:0]
+            # the preserved prompts get trajectories of their own (held on the concept's x_t only, the base
+            # behaviour does not carry over to images of the preserved concept); one batch samples both
+            states, eps_u, eps_c = self.sample(torch.cat([cond, keep]), steps)
+            kept_states, kept_eps = [s[n:] for s in states], [e[n:] for e in eps_c]
+            states, eps_u, eps_c = [s[:n] for s in states], [e[:n] for e in eps_u], [e[:n] for e in eps_c]
             entry = {
                 "x": torch.cat(states[:steps]),  # x_i for i < steps, the state *before* denoising step i
                 "t": self.timesteps[:steps].repeat_interleave(n),
@@ -181,10 +191,6 @@ class ESDTrainer:
                 "c0": neutral.repeat(steps, 1, 1),
             }
             if self.cfg.preserve:
-                # the preserved prompts get trajectories of their own: held on the concept's x_t only, the base
-                # behaviour does not carry over to images of the preserved concept (measured on the toy base)
-                keep = self._embed(self._preserve_prompts(pairs, concept))
-                kept_states, _, kept_eps = self.sample(keep, steps)
                 entry["cp"] = keep.repeat(steps, 1, 1)
                 entry["xp"] = torch.cat(kept_states[:steps])
                 if self.cfg.sample_with == "frozen":  # the frozen sampler's predictions are the preserve targets
@@ -202,12 +208,10 @@ class ESDTrainer:
             stop = int(self.rng.integers(self.cfg.ddim_steps))  # uniform over the DDIM steps, as in the paper
             pairs = self.prompts(concept, 1)
             cond, neutral = self._embed_pairs(pairs)
-            states, _, _ = self.sample(cond, stop)
-            x, t = states[stop], self.timesteps[stop].reshape(1)
-            keep = None
-            if self.cfg.preserve:
-                cp = self._embed(self._preserve_prompts(pairs, concept))
-                keep = (self.sample(cp, stop)[0][stop], cp, None)
+            cp = self._embed(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
+            states, _, _ = self.sample(cond if cp is None else torch.cat([cond, cp]), stop)
+            x, t = states[stop][:1], self.timesteps[stop].reshape(1)
+            keep = None if cp is None else (states[stop][1:], cp, None)
             return x, t, cond, self._targets(x, t, cond, neutral), keep
         if self.iteration % self.cfg.refresh_every == 0 or concept not in self.pool:
             self._refresh_pool()
@@ -226,19 +230,33 @@ class ESDTrainer:
         x, t, cond, target, keep = self._batch(concept)
         if self.cfg.erase_from:
             cond = self._encode(self.cfg.erase_from).expand(x.shape[0], -1, -1)
-        if keep is None:
-            pred = self.unet(x, t, cond).sample
-            self.unet_passes += x.shape[0]
-            loss = F.mse_loss(pred, target)
-        else:  # one batched pass: the erased prompts and the preserved ones
+        n = x.shape[0]
+        inputs, conds, kept = [x], [cond], []  # one batched pass of the trained UNet over every term
+        if keep is not None:
             x_keep, c_keep, keep_target = keep
             if keep_target is None:
                 with torch.no_grad():
                     keep_target = self.frozen(x_keep, t, c_keep).sample
-            both = self.unet(torch.cat([x, x_keep]), torch.cat([t, t]), torch.cat([cond, c_keep])).sample
-            pred, pred_keep = both.chunk(2)
-            self.unet_passes += 3 * x.shape[0]
-            loss = F.mse_loss(pred, target) + self.cfg.preserve_weight * F.mse_loss(pred_keep, keep_target)
+                self.unet_passes += n
+            inputs.append(x_keep)
+            conds.append(c_keep)
+            kept.append(keep_target)
+        if self.cfg.preserve_unconditional:
+            # the empty prompt's prediction steers every image through classifier-free guidance: left free, it
+            # drifts with the erasure, which both weakens the erasure and moves other concepts
+            states = torch.cat(inputs)
+            empty = self._encode("").expand(states.shape[0], -1, -1)
+            with torch.no_grad():
+                kept.append(self.frozen(states, t.repeat(len(inputs)), empty).sample)
+            self.unet_passes += states.shape[0]
+            inputs.append(states)
+            conds.append(empty)
+        batch = torch.cat(inputs)
+        pred = self.unet(batch, t.repeat(batch.shape[0] // n), torch.cat(conds)).sample
+        self.unet_passes += batch.shape[0]
+        loss = F.mse_loss(pred[:n], target)
+        if kept:
+            loss = loss + self.cfg.preserve_weight * F.mse_loss(pred[n:], torch.cat(kept))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
