@@ -71,8 +71,11 @@ def main():
     ap.add_argument("--template", action="append", default=None, help="as erasure train (default: toy)")
     ap.add_argument("--preserve", action="append", default=[], help="as erasure train")
     ap.add_argument("--preserve-weight", type=float, default=5.0, help="as erasure train (default 5, as `make packs`)")
-    ap.add_argument("--batch-size", type=int, default=4, help="pooled loop: x_t per step (default 4, as train)")
-    ap.add_argument("--refresh-every", type=int, default=20, help="pooled loop: resample the pool every N steps")
+    defaults = ESDConfig.model_fields  # the pooled loop's options default to the trainer's defaults
+    ap.add_argument("--batch-size", type=int, default=defaults["batch_size"].default,
+                    help="pooled loop: x_t per step (default: as erasure train)")
+    ap.add_argument("--refresh-every", type=int, default=defaults["refresh_every"].default,
+                    help="pooled loop: resample the pool every N steps (default: as erasure train)")
     ap.add_argument("--loops", nargs="+", default=["pooled", "reference"])
     args = ap.parse_args()
     args.template = args.template or ["toy"]

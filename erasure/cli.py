@@ -247,9 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ddim-steps", type=_positive_int, default=None, help="DDIM steps of the x_t sampler (50)")
     p.add_argument("--loop", choices=["pooled", "reference"], default=None,
                    help="pooled (fast, default) or reference (the official per-iteration loop)")
-    p.add_argument("--batch-size", type=_positive_int, default=None, help="x_t per step, pooled loop (4)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="x_t per step, pooled loop (1)")
     p.add_argument("--refresh-every", type=_positive_int, default=None,
-                   help="pooled loop: resample the trajectories every N iterations (20)")
+                   help="pooled loop: resample the trajectories every N iterations (50)")
     p.add_argument("--pool-trajectories", type=_positive_int, default=None,
                    help="pooled loop: trajectories sampled per concept per refresh (4)")
     p.add_argument("--seed", type=int, default=None)

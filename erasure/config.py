@@ -41,8 +41,9 @@ class ESDConfig(BaseModel):
     seed: int = 0
     loop: Literal["pooled", "reference"] = Field(
         "pooled", description="pooled: reuse sampled trajectories (fast, default); reference: the official loop")
-    batch_size: int = Field(4, gt=0, description="x_t per optimizer step (pooled loop; the reference loop uses 1)")
-    refresh_every: int = Field(20, gt=0, description="pooled loop: resample trajectories every N iterations")
+    batch_size: int = Field(1, gt=0, description="x_t per optimizer step (pooled loop; the reference loop uses 1, "
+                            "as the paper). Larger batches steady Adam at high lr on esd-u's many parameters")
+    refresh_every: int = Field(50, gt=0, description="pooled loop: resample trajectories every N iterations")
     pool_trajectories: int = Field(4, gt=0, description="pooled loop: trajectories sampled per concept per refresh")
     checkpoint_every: int = Field(100, gt=0)
 

@@ -82,8 +82,9 @@ class Manifest(BaseModel):
     preserve_weight: float = 1.0
     preserve_unconditional: bool = False
     anchor: list[str] = []
+    # pooled loop; packs written before these fields existed used batch 4, refresh 20, 4 trajectories
     batch_size: int = 4
-    refresh_every: int = 20  # pooled loop; packs written before these fields existed used 20 and 4
+    refresh_every: int = 20
     pool_trajectories: int = 4
     base: BaseRef
     tensors: dict[str, TensorInfo]
