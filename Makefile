@@ -43,22 +43,24 @@ toy: setup
 # Why each option: README.md, "ESD: ... what this project adds" and "The toy world and its figures".
 ERASURE  := $(VENV)/bin/erasure
 PACKS    := build/packs
-PACK_TAG ?= v2
+PACK_TAG ?= v3
 ESD_TOY  := --template toy --eval-samples 200
 SHAPES_BUT = $(foreach s,circle square triangle star cross,$(if $(filter $(s),$(1)),,--preserve $(s)))
-# the toy base draws a square in green when no shape / colour is named: red and square need another c0 (--anchor)
+# the toy base draws a square in green when no shape / colour is named: square needs another c0 (--anchor);
+# --preserve-unconditional keeps guidance's empty-prompt branch at the base's (without it red was not erased);
+# red and square keep the earlier loop (batch 4 or 16, refresh 20): with the batch-1 default red took green along
 ANCHORS = $(foreach c,$(2),$(if $(filter $(c),$(1)),,--anchor $(c) --preserve $(c)))
 packs: setup
 	rm -rf $(PACKS) && mkdir -p $(PACKS)
-	$(ERASURE) train --concept circle --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 5 \
+	$(ERASURE) train --concept circle --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 10 \
 		$(call SHAPES_BUT,circle) --out $(PACKS)/circle
-	$(ERASURE) train --concept red --method esd-x $(ESD_TOY) --lr 2e-4 --iterations 300 --preserve-weight 20 \
-		$(call ANCHORS,red,red green blue yellow purple) --out $(PACKS)/red
+	$(ERASURE) train --concept red --method esd-x $(ESD_TOY) --lr 2e-4 --iterations 300 --preserve-weight 10 \
+		--batch-size 4 --refresh-every 20 --preserve green --preserve blue --preserve yellow --preserve purple --preserve-unconditional --out $(PACKS)/red
 	$(ERASURE) train --concept striped --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 5 \
 		--preserve dotted --preserve outlined --out $(PACKS)/striped
-	$(ERASURE) train --concept square --method esd-u $(ESD_TOY) --lr 1e-4 --iterations 300 --batch-size 16 \
-		--preserve-weight 20 $(call ANCHORS,square,circle square triangle star cross) --delta-dtype float16 \
-		--out $(PACKS)/square
+	$(ERASURE) train --concept square --method esd-u $(ESD_TOY) --lr 1e-4 --iterations 300 --preserve-weight 20 \
+		--batch-size 16 --refresh-every 20 $(call ANCHORS,square,circle square triangle star cross) \
+		--preserve-unconditional --delta-dtype float16 --out $(PACKS)/square
 	for p in circle red striped square; do \
 		$(ERASURE) push $(PACKS)/$$p --repo toy/$$p --tag $(PACK_TAG) --registry registry/toy-registry || exit 1; done
 	$(ERASURE) lock toy/circle@$(PACK_TAG) toy/red@$(PACK_TAG) toy/striped@$(PACK_TAG) toy/square@$(PACK_TAG) \

@@ -19,7 +19,7 @@ from collections import Counter
 
 import numpy as np
 
-from .toy.world import ATTRIBUTES, TEMPLATE_SPLITS, Scene, all_scenes, prompt_for
+from .toy.world import ATTRIBUTES, TEMPLATE_SPLITS, Scene, all_scenes, concept_attribute, prompt_for
 
 
 @dataclasses.dataclass
@@ -46,6 +46,7 @@ class EvalReport:
     settings: dict
     images: dict[str, list] = dataclasses.field(default_factory=dict, repr=False)
     samples: dict[str, list[Sample]] = dataclasses.field(default_factory=dict, repr=False)
+    labels: dict[str, dict[str, list[str]]] = dataclasses.field(default_factory=dict, repr=False)  # per image
 
     def to_json(self) -> dict:
         """Top-level ``shape``/``color``/``style`` and ``per_concept`` are the train-template figures."""
@@ -105,6 +106,7 @@ def evaluate(pipe, oracle, samples: int = 300, splits=("train", "heldout"), seed
         report.splits[split] = tally(todo, readings)
         report.images[split] = images
         report.samples[split] = todo
+        report.labels[split] = readings
     return report
 
 
@@ -140,8 +142,20 @@ def print_report(report: EvalReport, console=None) -> None:
     console.print(table)
 
 
+def _accuracy_apart(report: EvalReport, split: str, concept: str, erased: list[str]) -> tuple[float, int]:
+    """Accuracy on ``concept``'s images whose prompt names no erased concept ("a dotted circle" but not "a dotted
+    square" when square is erased): the paper's "other classes", free of the erased concept's own images."""
+    attr = concept_attribute(concept)
+    hits = [read == concept for s, read in zip(report.samples[split], report.labels[split][attr])
+            if getattr(s.scene, attr) == concept and not {s.scene.shape, s.scene.color, s.scene.style} & set(erased)]
+    return (float(np.mean(hits)) if hits else float("nan")), len(hits)
+
+
 def comparison(base: EvalReport, erased: EvalReport, erased_concepts: list[str]) -> dict:
-    """The paper's Table 2 for the toy world: base vs erased accuracy for every concept, per template split."""
+    """The paper's Table 2 for the toy world: base vs erased accuracy for every concept, per template split.
+
+    Each other concept is measured on all its images and, as ``apart``, on those whose prompt names no erased
+    concept (an "outlined square" image counts for outlined, but it is also an erased square)."""
     out: dict = {"erased_concepts": erased_concepts, "splits": {}}
     for split in base.splits:
         b, e = base.splits[split], erased.splits[split]
@@ -154,6 +168,10 @@ def comparison(base: EvalReport, erased: EvalReport, erased_concepts: list[str])
                 "n": b.counts[concept],
                 "erased_concept": concept in erased_concepts,
             }
+            if concept not in erased_concepts:
+                (base_apart, n), (erased_apart, _) = (_accuracy_apart(r, split, concept, erased_concepts)
+                                                      for r in (base, erased))
+                rows[concept]["apart"] = {"base": base_apart, "erased": erased_apart, "n": n}
         out["splits"][split] = {
             "concepts": rows,
             "overall": {a: {"base": b.overall[a], "erased": e.overall[a]} for a in b.overall},
@@ -180,6 +198,9 @@ def print_comparison(table: dict, console=None) -> None:
         for s in splits:
             r = table["splits"][s]["concepts"][concept]
             ratio = f" ({r['ratio']:.0%})" if r["ratio"] is not None else ""
+            apart = r.get("apart")
+            if apart and apart["n"] != r["n"]:
+                ratio += f"; apart {apart['base']:.0%} -> {apart['erased']:.0%} (n={apart['n']})"
             cells.append(f"{r['base']:.1%} -> {r['erased']:.1%}{ratio}")
         t.add_row(f"[b red]{concept} (erased)[/]" if concept in erased else concept, *cells)
     console.print(t)
