@@ -120,12 +120,14 @@ def cmd_eval(args) -> None:
         print_comparison(table)
         result = {**erased.to_json(), "base": base.to_json(), "comparison": table,
                   "packs": [{"path": str(p.path), "name": p.name, "scale": s} for p, s in packs]}
-        # Grid: each erased concept's train prompts, base row over erased row.
+        # Grid: each erased concept's prompts (train templates unless only held-out ones were asked for),
+        # base row over erased row.
+        split = args.splits[0]
         grid_images = []
         for concept in concepts:
-            picks = [i for i, smp in enumerate(base.samples["train"])
+            picks = [i for i, smp in enumerate(base.samples[split])
                      if concept in (smp.scene.shape, smp.scene.color, smp.scene.style)][:10]
-            grid_images += [base.images["train"][i] for i in picks] + [erased.images["train"][i] for i in picks]
+            grid_images += [base.images[split][i] for i in picks] + [erased.images[split][i] for i in picks]
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
         print(f"wrote {json_out}")

@@ -71,3 +71,13 @@ def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
     assert card.startswith("---\n") and "concept-erasure" in card and "esd" in card
     assert (out / "preview.png").stat().st_size > 0
     assert not (out / ".esd-checkpoint.pt").exists() and "wrote pack 'circle'" in proc.stdout
+
+    # the pack evaluates on the held-out templates alone (the grid used to assume a train split)
+    table, grid = tmp_path / "eval.json", tmp_path / "eval.png"
+    proc = run("eval", "--packs", str(out), "--samples", "10", "--steps", "2", "--splits", "heldout",
+               "--json", str(table), "--grid", str(grid))
+    assert proc.returncode == 0, proc.stderr
+    import json
+
+    result = json.loads(table.read_text())
+    assert list(result["comparison"]["splits"]) == ["heldout"] and grid.stat().st_size > 0
