@@ -55,7 +55,8 @@ packs: setup
 	$(ERASURE) train --concept circle --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 10 \
 		$(call SHAPES_BUT,circle) --out $(PACKS)/circle
 	$(ERASURE) train --concept red --method esd-x $(ESD_TOY) --lr 2e-4 --iterations 300 --preserve-weight 10 \
-		--batch-size 4 --refresh-every 20 --preserve green --preserve blue --preserve yellow --preserve purple --preserve-unconditional --out $(PACKS)/red
+		--batch-size 4 --refresh-every 20 --preserve green --preserve blue --preserve yellow --preserve purple \
+		--preserve-unconditional --out $(PACKS)/red
 	$(ERASURE) train --concept striped --method esd-x $(ESD_TOY) --lr 1e-4 --iterations 200 --preserve-weight 5 \
 		--preserve dotted --preserve outlined --out $(PACKS)/striped
 	$(ERASURE) train --concept square --method esd-u $(ESD_TOY) --lr 1e-4 --iterations 300 --preserve-weight 20 \

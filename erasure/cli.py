@@ -236,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "'{}', the bare name); 'toy': toy-world train prompts naming the concept")
     p.add_argument("--preserve", action="append", default=None, metavar="CONCEPT",
                    help="keep this concept's predictions at the base's (repeat; not in the paper, default none)")
-    p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preservation term (1.0)")
+    p.add_argument("--preserve-weight", type=float, default=None, help="weight of the preservation terms (1.0)")
     p.add_argument("--preserve-unconditional", action="store_true", default=None,
                    help="also keep the empty prompt's predictions (the unconditional branch of guidance) at the base's")
     p.add_argument("--anchor", action="append", default=None, metavar="CONCEPT",

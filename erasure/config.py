@@ -29,7 +29,8 @@ class ESDConfig(BaseModel):
     preserve_unconditional: bool = Field(
         False, description="also hold the empty prompt's prediction (guidance's unconditional branch) to the base's "
         "on every x_t of the step, with preserve_weight (not in the paper; off by default)")
-    preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation term")
+    preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation terms (preserve, "
+                                   "preserve_unconditional)")
     anchor: list[str] = Field(
         [], description="concepts standing in for the erased one in c0, one drawn per trajectory (not in the "
         "paper; default none: c0 leaves the concept out). For a base that draws the concept when it is not named")
