@@ -38,7 +38,7 @@ def run(loop: str, args, oracle, samples, attr):
     cfg = ESDConfig(concepts=[args.concept], method=args.method, iterations=args.max_iterations, lr=args.lr,
                     loop=loop, seed=args.seed, ddim_steps=args.ddim_steps, templates=args.template,
                     preserve=args.preserve, preserve_weight=args.preserve_weight, batch_size=args.batch_size,
-                    refresh_every=args.refresh_every)
+                    refresh_every=args.refresh_every, pool_trajectories=args.pool_trajectories)
     trainer = ESDTrainer(pipe, cfg, progress=False)
     history = []
     while trainer.iteration < args.max_iterations:
@@ -76,6 +76,8 @@ def main():
                     help="pooled loop: x_t per step (default: as erasure train)")
     ap.add_argument("--refresh-every", type=int, default=defaults["refresh_every"].default,
                     help="pooled loop: resample the pool every N steps (default: as erasure train)")
+    ap.add_argument("--pool-trajectories", type=int, default=defaults["pool_trajectories"].default,
+                    help="pooled loop: trajectories per concept per refresh (default: as erasure train)")
     ap.add_argument("--loops", nargs="+", default=["pooled", "reference"])
     args = ap.parse_args()
     args.template = args.template or ["toy"]
@@ -94,6 +96,7 @@ def main():
            "templates": args.template, "preserve": args.preserve,
            "preserve_weight": args.preserve_weight,
            "pooled_batch_size": args.batch_size, "pooled_refresh_every": args.refresh_every,
+           "pooled_trajectories": args.pool_trajectories,
            "target_accuracy": args.target,
            "base_accuracy": base_acc,
            "results": results}
