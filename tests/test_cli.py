@@ -1,5 +1,6 @@
 """The erasure CLI: bad input gives one line on stderr and a non-zero exit, never a traceback."""
 
+import json
 import subprocess
 import sys
 
@@ -77,7 +78,5 @@ def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
     proc = run("eval", "--packs", str(out), "--samples", "10", "--steps", "2", "--splits", "heldout",
                "--json", str(table), "--grid", str(grid))
     assert proc.returncode == 0, proc.stderr
-    import json
-
     result = json.loads(table.read_text())
     assert list(result["comparison"]["splits"]) == ["heldout"] and grid.stat().st_size > 0

@@ -99,25 +99,26 @@ def test_a_template_without_a_slot_is_refused():
         ESDConfig(concepts=["circle"], templates=["a photo of a circle"])
 
 
+def drift(trainer, prompt: str) -> float:
+    """Mean |eps_theta - eps*| for ``prompt`` on fixed noisy latents: how far training moved that prediction."""
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    t, cond = trainer.timesteps[[1, 2]], trainer._encode(prompt).expand(2, -1, -1)
+    with torch.no_grad():
+        return (trainer.unet(x, t, cond).sample - trainer.frozen(x, t, cond).sample).abs().mean().item()
+
+
 def test_preserve_holds_other_concepts_to_the_base(random_pipe, tmp_path):
     from conftest import make_random_toy_pipe
 
-    cfg = dict(concepts=["circle"], iterations=6, templates=["toy"], lr=3e-3, ddim_steps=4, pool_trajectories=2,
-               batch_size=2, refresh_every=3)
+    cfg = dict(concepts=["circle"], iterations=20, templates=["toy"], lr=1e-3, ddim_steps=4, pool_trajectories=2,
+               batch_size=2, refresh_every=5)
     plain = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
     kept = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve=["square"],
                                                                       preserve_weight=50.0), progress=False)
     assert kept._preserve_prompts([("a dotted circle", "a dotted")], "circle") == ["a dotted square"]
-    x, t = torch.randn(2, 4, 16, 16), kept.timesteps[[1, 2]]
-
-    def drift(trainer):
-        square = trainer._encode("a red square").expand(2, -1, -1)
-        with torch.no_grad():
-            return (trainer.unet(x, t, square).sample - trainer.frozen(x, t, square).sample).abs().mean().item()
-
     for trainer in (plain, kept):
         trainer.train()
-    assert drift(kept) < drift(plain)
+    assert drift(kept, "a red square") < 0.9 * drift(plain, "a red square")  # measured 0.73-0.81 over probe seeds
 
 
 def test_preserve_unconditional_holds_the_empty_prompt_to_the_base(tmp_path):
@@ -128,16 +129,9 @@ def test_preserve_unconditional_holds_the_empty_prompt_to_the_base(tmp_path):
     plain = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
     held = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve_unconditional=True),
                       progress=False)
-    x, t = torch.randn(2, 4, 16, 16), held.timesteps[[1, 2]]
-
-    def drift(trainer):
-        empty = trainer._encode("").expand(2, -1, -1)
-        with torch.no_grad():
-            return (trainer.unet(x, t, empty).sample - trainer.frozen(x, t, empty).sample).abs().mean().item()
-
     for trainer in (plain, held):
         trainer.train()
-    assert drift(held) < 0.6 * drift(plain)  # measured 0.025 vs 0.059
+    assert drift(held, "") < 0.6 * drift(plain, "")  # measured 0.40-0.43 over probe seeds
 
 
 def test_preserved_prompts_get_trajectories_of_their_own(random_pipe):
