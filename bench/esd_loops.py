@@ -32,7 +32,7 @@ def concept_accuracy(pipe, oracle, samples, attr, concept):
 
 
 def run(loop: str, args, oracle, samples, attr):
-    from erasure.trainer import ESDTrainer
+    from erasure.esd import ESDTrainer
 
     pipe = load_pipeline("toy")
     cfg = ESDConfig(concepts=[args.concept], method=args.method, iterations=args.max_iterations, lr=args.lr,

@@ -1,57 +1,80 @@
-"""The Hub model card (README.md) of a concept pack: YAML metadata, the preview, the figures, how to apply it."""
+"""The Hub model card (README.md) of a concept pack, rendered from its manifest with huggingface_hub's ModelCard.
+
+Example:
+    >>> from erasure.card import render_card
+    >>> print(render_card(pack.manifest))    # YAML metadata (base_model, library_name, tags, license) + body
+"""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from .pack import Manifest
+
+# Every pack's card carries this tag; `erasure list` finds packs on the Hub by it.
+PACK_TAG = "concept-erasure"
+LICENSE = "apache-2.0"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
+TEMPLATE = """---
+{{ card_data }}
+---
 
-def render_card(fields: dict, metrics: dict) -> str:
-    base = fields["base"]["id"]
-    tags = ["concept-erasure", "esd", fields["method"], "text-to-image", "diffusers"]
-    meta = ["---", "library_name: diffusers", "license: apache-2.0"]
-    if HUB_ID.match(base):
-        meta.append(f"base_model: {base}")
-    meta += ["tags:"] + [f"- {t}" for t in tags] + ["---", ""]
-    concepts = ", ".join(f"`{c}`" for c in fields["concepts"])
-    lines = [
-        f"# {fields['name']}: a concept pack erasing {concepts}",
-        "",
-        f"ESD ({fields['method']}, eta={fields['eta']}, {fields['iterations']} iterations, lr={fields['lr']}, "
-        f"x_t sampled with the {fields['sample_with']} UNet) applied to base `{base}`"
-        + (f" at revision `{fields['base']['revision']}`" if fields["base"].get("revision") else "") + ". "
-        + "Training prompts: " + ", ".join(f"`{t}`" for t in fields.get("templates", ["{}"]))
-        + " (`{}` is the concept; `toy`: toy-world train prompts naming it)."
-        + (f" Preserved concepts (weight {fields.get('preserve_weight', 1.0)}): "
-           + ", ".join(f"`{c}`" for c in fields["preserve"]) + "." if fields.get("preserve") else "")
-        + (f" The empty prompt's prediction (guidance's unconditional branch) is held to the base's (weight "
-           f"{fields.get('preserve_weight', 1.0)})." if fields.get("preserve_unconditional") else "")
-        + (" Anchors (c0 names one of these in place of the concept): "
-           + ", ".join(f"`{c}`" for c in fields["anchor"]) + "." if fields.get("anchor") else ""),
-        "The pack holds only the weight delta of the UNet tensors training touched (`delta.safetensors`) and a "
-        "manifest (`pack.json`) with the sha256 of every file and a fingerprint of the base tensors it expects.",
-        "",
-        "![base (top) vs erased (bottom)](preview.png)",
-        "",
-    ]
-    table = metrics.get("eval")
-    if table:
-        lines += ["## Erasure figures (oracle accuracy on generated images)", "",
-                  "| concept | base | erased |", "|---|---:|---:|"]
-        for concept, row in table.items():
-            lines.append(f"| {concept} | {row['base']:.1%} | {row['erased']:.1%} |")
-        lines.append("")
-    lines += [
-        "## How to apply",
-        "",
-        "```bash",
-        f"erasure pull <namespace>/<repo> --to packs/{fields['name']}",
-        f"erasure generate 'a prompt' --base {base} --packs packs/{fields['name']} --out out.png",
-        "```",
-        "",
-        "or list it under `packs:` in the BentoML service configuration. Packs compose additively: "
-        "theta = theta* + sum_i s_i * delta_i, in float32 from the pristine base.",
-        "",
-    ]
-    return "\n".join(meta + lines)
+# {{ name }}: a concept pack erasing {{ concepts }}
+
+ESD ({{ t.method }}, eta={{ t.eta }}, {{ t.iterations }} iterations, lr={{ t.lr }}, x_t sampled with the
+{{ t.sample_with }} UNet) applied to base `{{ base.id }}`{% if base.revision %} at revision `{{ base.revision }}`{% endif %}.
+Training prompts: {{ templates }} (`{}` is the concept; `toy`: toy-world train prompts naming it).
+{%- if t.preserve %} Preserved concepts (weight {{ t.preserve_weight }}): {{ preserve }}.{% endif %}
+{%- if t.preserve_unconditional %} The empty prompt's prediction (guidance's unconditional branch) is held to the
+base's (weight {{ t.preserve_weight }}).{% endif %}
+{%- if t.anchor %} Anchors (c0 names one of these in place of the concept): {{ anchor }}.{% endif %}
+The full training config is `training` in `pack.json`.
+
+The pack holds only the weight delta of the {{ n_tensors }} UNet tensors training touched (`delta.safetensors`,
+{{ t.delta_dtype }}) and a manifest (`pack.json`) with the sha256 of every file and a fingerprint of the base
+tensors it expects: it is refused on any other base.
+
+![base (top) vs erased (bottom)](preview.png)
+{% if eval %}
+## Erasure figures (oracle accuracy on generated images)
+
+| concept | base | erased |
+|---|---:|---:|
+{% for concept, row in eval.items() -%}
+| {{ concept }} | {{ "%.1f%%" % (100 * row.base) }} | {{ "%.1f%%" % (100 * row.erased) }} |
+{% endfor %}
+{%- endif %}
+## How to apply
+
+```bash
+erasure pull <namespace>/<repo> --to packs/{{ name }}
+erasure generate 'a prompt' --base {{ base.id }} --packs packs/{{ name }} --out out.png
+```
+
+or list it in the BentoML service's lock file. Packs compose additively: theta = theta* + sum_i s_i delta_i, in
+float32 from the pristine base. `erasure export packs/{{ name }} --format lora` writes a LoRA that plain diffusers
+(`pipe.load_lora_weights`) loads.
+"""
+
+
+def render_card(manifest: "Manifest") -> str:
+    from huggingface_hub import ModelCard, ModelCardData
+
+    t, base = manifest.training, manifest.base
+    data = ModelCardData(
+        library_name="diffusers", license=LICENSE, base_model=base.id if HUB_ID.match(base.id) else None,
+        tags=[PACK_TAG, "esd", t.method, "text-to-image", "diffusers"], pipeline_tag="text-to-image",
+    )
+
+    def codes(items) -> str:
+        return ", ".join(f"`{c}`" for c in items)
+
+    card = ModelCard.from_template(
+        data, template_str=TEMPLATE, name=manifest.name, concepts=codes(t.concepts), t=t, base=base,
+        templates=codes(t.templates), preserve=codes(t.preserve), anchor=codes(t.anchor),
+        n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"),
+    )
+    return str(card)

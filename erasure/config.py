@@ -1,4 +1,7 @@
-"""ESDConfig: every option of `erasure train`, in one place, with the paper's defaults.
+"""ESDConfig: every option of `erasure train`, declared once.
+
+The CLI flags of `erasure train` are generated from these fields (name, type, default, description), and a pack's
+manifest embeds the config verbatim (``pack.json`` → ``training``), so what trained a pack travels with it.
 
 Example:
     >>> from erasure.config import ESDConfig
@@ -7,46 +10,50 @@ Example:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"]
+METHODS: tuple[str, ...] = get_args(Method)
+DeltaDtype = Literal["float32", "float16", "bfloat16"]
 
 
 class ESDConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    concepts: list[str] = Field(min_length=1, description="concepts to erase; one is drawn per iteration")
-    method: Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"] = "esd-x"
+    concepts: list[str] = Field(min_length=1, description="concept to erase (repeat for several; one is drawn per "
+                                "iteration)")
+    method: Method = Field("esd-x", description="which UNet parameters train (see erasure/methods.py)")
     eta: float = Field(1.0, description="negative guidance of the paper (the official script's value is eta + 1)")
     iterations: int = Field(1000, gt=0, description="optimizer steps")
     lr: float = Field(1e-5, gt=0, description="Adam learning rate (paper: 1e-5)")
     templates: list[str] = Field(
-        ["{}"], min_length=1, description="training prompts: '{}' is the concept (default: the bare name, as in the "
-        "paper); one is drawn per trajectory. 'toy': toy-world train prompts naming the concept")
+        ["{}"], min_length=1, description="training prompt with {} for the concept, e.g. 'a photo of {}' (repeat; "
+        "one is drawn per trajectory); 'toy': toy-world train prompts naming the concept")
     preserve: list[str] = Field(
-        [], description="concepts to keep: the UNet's prediction for each training prompt with one of these in "
-        "place of the erased concept is held to the base's (not in the paper; off by default)")
+        [], description="concept to keep: each training prompt with it in place of the erased concept is held to "
+        "the base's prediction (repeat)")
     preserve_unconditional: bool = Field(
         False, description="also hold the empty prompt's prediction (guidance's unconditional branch) to the base's "
-        "on every x_t of the step, with preserve_weight (not in the paper; off by default)")
-    preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation terms (preserve, "
-                                   "preserve_unconditional)")
+        "on every x_t of the step")
+    preserve_weight: float = Field(1.0, ge=0, description="weight of the preservation terms")
     anchor: list[str] = Field(
-        [], description="concepts standing in for the erased one in c0, one drawn per trajectory (not in the "
-        "paper; default none: c0 leaves the concept out). For a base that draws the concept when it is not named")
+        [], description="concept standing in for the erased one in c0, one drawn per trajectory (repeat), for a "
+        "base that draws the concept when it is not named; default: c0 leaves the concept out")
     sample_with: Literal["trained", "frozen"] = Field(
         "trained", description="which UNet samples x_t: the one being trained (paper) or the frozen base (official)")
-    erase_from: str | None = Field(None, description="train eps(x_t, c_from) towards the target of the concept")
+    erase_from: str | None = Field(None, description="train eps(x_t, ERASE_FROM) towards the concept's target")
     guidance: float = Field(3.0, description="classifier-free guidance while sampling x_t (paper: 3)")
     ddim_steps: int = Field(50, gt=1, description="DDIM steps of the x_t sampler; x_t stops at a uniform step")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the sampler noise, prompts and pool draws")
     loop: Literal["pooled", "reference"] = Field(
-        "pooled", description="pooled: reuse sampled trajectories (fast, default); reference: the official loop")
-    batch_size: int = Field(1, gt=0, description="x_t per optimizer step (pooled loop; the reference loop uses 1, "
-                            "as the paper). Larger batches steady Adam at high lr on esd-u's many parameters")
+        "pooled", description="pooled: reuse sampled trajectories; reference: the official per-iteration loop")
+    batch_size: int = Field(1, gt=0, description="x_t per optimizer step (pooled loop; the reference loop uses 1)")
     refresh_every: int = Field(50, gt=0, description="pooled loop: resample trajectories every N iterations")
     pool_trajectories: int = Field(4, gt=0, description="pooled loop: trajectories sampled per concept per refresh")
-    checkpoint_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(100, gt=0, description="iterations between resumable checkpoints")
+    delta_dtype: DeltaDtype = Field("float32", description="dtype of the stored delta (composition is float32)")
 
     @field_validator("concepts")
     @classmethod

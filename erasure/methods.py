@@ -21,11 +21,10 @@ Example:
 
 from __future__ import annotations
 
-from torch import nn
-
+from .config import METHODS
 from .errors import InvalidArgumentError
 
-METHODS = {
+FILTERS = {
     "esd-x": lambda name: "attn2" in name,
     "esd-x-strict": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
     "esd-u": lambda name: "attn2" not in name,
@@ -34,15 +33,17 @@ METHODS = {
 
 
 def check_method(method: str) -> str:
-    if method not in METHODS:
+    if method not in FILTERS:
         # The official script silently trains nothing for a misspelt method; here it is an error.
         raise InvalidArgumentError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     return method
 
 
-def select_parameters(unet: nn.Module, method: str) -> list[str]:
+def select_parameters(unet, method: str) -> list[str]:
     """Names (as in ``unet.state_dict()``) of the parameters ``method`` trains, in module order."""
-    keep = METHODS[check_method(method)]
+    from torch import nn
+
+    keep = FILTERS[check_method(method)]
     names = []
     for module_name, module in unet.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)) and keep(module_name):

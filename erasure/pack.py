@@ -3,8 +3,8 @@
 A pack is a directory (or a Hub repository root) holding exactly::
 
     delta.safetensors   theta - theta* for the UNet tensors training touched, keyed by diffusers parameter names
-    pack.json           the Manifest below (pydantic), with the sha256 of every other file
-    README.md           a Hub model card
+    pack.json           the Manifest: the training config verbatim, the base, the tensors, the sha256 of every file
+    README.md           the Hub model card, rendered from the manifest (erasure/card.py)
     preview.png         base vs erased images
 
 A pack is verified before it touches a model: file set and sha256, safetensors only (never pickle), tensor names,
@@ -13,16 +13,18 @@ exactly the touched tensors, so a pack is refused on any base whose touched tens
 
 Example:
     >>> from erasure.pack import ConceptPack
-    >>> pack = ConceptPack.load("packs/circle")        # checks files and hashes
-    >>> pack.verify_against(pipe.unet)                  # checks names, shapes and the base fingerprint
-    >>> pack.manifest.concepts
-    ['circle']
+    >>> pack = ConceptPack.from_pretrained("packs/circle")    # checks files, hashes and tensors
+    >>> pack.verify_against(pipe.unet)                         # checks names, shapes and the base fingerprint
+    >>> pack.concepts, pack.training.method
+    (['circle'], 'esd-x')
+    >>> pack.save_pretrained("copy/circle")
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -31,9 +33,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .config import ESDConfig
 from .errors import PackIntegrityError, PackMismatchError
+from .files import atomic_write_text, sha256_file
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "pack.json"
 DELTA = "delta.safetensors"
 CARD = "README.md"
@@ -41,8 +45,8 @@ PREVIEW = "preview.png"
 PACK_FILES = (DELTA, MANIFEST, CARD, PREVIEW)
 # Never loaded, whatever the manifest says: these formats can run code when unpickled.
 UNSAFE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".joblib", ".npy", ".npz")
-
-Method = Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"]
+# Entry-point group through which a registry resolves Hub ids for ConceptPack.from_pretrained (registry/ adds one).
+PACK_SOURCES_GROUP = "erasure.pack_sources"
 
 
 class TensorInfo(BaseModel):
@@ -56,7 +60,7 @@ class BaseRef(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     id: str = Field(description="'toy', a Hub repository id, or a local path")
-    revision: str | None = None
+    revision: str | None = Field(None, description="the Hub revision the base was loaded at")
     fingerprint: str = Field(description="sha256 of the base values of the touched tensors (see fingerprint())")
 
 
@@ -64,42 +68,48 @@ class Manifest(BaseModel):
     """``pack.json``. ``files`` maps every other file of the pack to its sha256."""
 
     model_config = ConfigDict(extra="forbid")
-    format_version: int = FORMAT_VERSION
+    format_version: Literal[2] = FORMAT_VERSION
     name: str
-    concepts: list[str]
-    method: Method
-    eta: float
-    iterations: int
-    lr: float
-    seed: int
-    sample_with: Literal["trained", "frozen"]
-    erase_from: str | None = None
-    guidance: float
-    ddim_steps: int
-    loop: str
-    templates: list[str] = ["{}"]
-    preserve: list[str] = []
-    preserve_weight: float = 1.0
-    preserve_unconditional: bool = False
-    anchor: list[str] = []
-    # pooled loop; packs written before these fields existed used batch 4, refresh 20, 4 trajectories
-    batch_size: int = 4
-    refresh_every: int = 20
-    pool_trajectories: int = 4
+    training: ESDConfig = Field(description="the config that trained the pack, verbatim")
     base: BaseRef
     tensors: dict[str, TensorInfo]
-    files: dict[str, str]
+    files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256, filled when saved")
     metrics: dict[str, Any] = Field(default_factory=dict)
     created_at: dt.datetime
     tool_version: str
 
+    @property
+    def concepts(self) -> list[str]:
+        return self.training.concepts
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    @property
+    def method(self) -> str:
+        return self.training.method
+
+    @classmethod
+    def from_json(cls, text: str) -> "Manifest":
+        """Parse ``pack.json`` of this format, or of format 1 (migrated in memory; the files stay as they are)."""
+        data = json.loads(text)
+        if isinstance(data, dict) and data.get("format_version") == 1:
+            data = _migrate_format_1(data)
+        elif isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"format version {data.get('format_version')!r}; this erasure reads formats 1 and "
+                             f"{FORMAT_VERSION}: upgrade erasure to read it")
+        return cls.model_validate(data)
+
+
+# Format 1 stored the training options flat beside the pack's own fields; packs written before the pooled-loop
+# fields existed trained with batch 4, refresh 20, 4 trajectories.
+_FORMAT_1_LOOP_DEFAULTS = {"batch_size": 4, "refresh_every": 20, "pool_trajectories": 4}
+
+
+def _migrate_format_1(data: dict) -> dict:
+    own = {"format_version", "name", "base", "tensors", "files", "metrics", "created_at", "tool_version"}
+    training = {**_FORMAT_1_LOOP_DEFAULTS, **{k: v for k, v in data.items() if k not in own}}
+    dtypes = {info.get("dtype") for info in data.get("tensors", {}).values()}
+    if len(dtypes) == 1:
+        training["delta_dtype"] = dtypes.pop()
+    return {**{k: v for k, v in data.items() if k in own}, "format_version": FORMAT_VERSION, "training": training}
 
 
 def fingerprint(state: dict[str, torch.Tensor], names) -> str:
@@ -112,30 +122,109 @@ def fingerprint(state: dict[str, torch.Tensor], names) -> str:
     return h.hexdigest()
 
 
-class ConceptPack:
-    """A verified concept pack: its manifest and its delta tensors (float32 on CPU)."""
+class BaseWeights:
+    """A base UNet's parameters as packs are checked against them, with fingerprints cached per tensor set: each
+    is computed once per base however many packs (of the same method) are verified or composed on it.
 
-    def __init__(self, path: Path, manifest: Manifest, delta: dict[str, torch.Tensor]):
-        self.path, self.manifest, self.delta = path, manifest, delta
+    Example:
+        >>> base = BaseWeights(pipe.unet)
+        >>> for pack in packs:
+        ...     pack.verify_against(base)     # the esd-x fingerprint is hashed once
+    """
+
+    def __init__(self, unet_or_state):
+        self.module = None if isinstance(unet_or_state, dict) else unet_or_state
+        self.state: dict[str, torch.Tensor] = (dict(unet_or_state) if self.module is None
+                                               else dict(unet_or_state.named_parameters()))
+        self._fingerprints: dict[frozenset[str], str] = {}
+
+    @classmethod
+    def of(cls, base) -> "BaseWeights":
+        return base if isinstance(base, BaseWeights) else cls(base)
+
+    def fingerprint(self, names) -> str:
+        key = frozenset(names)
+        if key not in self._fingerprints:
+            self._fingerprints[key] = fingerprint(self.state, key)
+        return self._fingerprints[key]
+
+
+class ConceptPack:
+    """A concept pack in memory: its manifest, its delta tensors (as stored) and its preview (PNG bytes)."""
+
+    def __init__(self, manifest: Manifest, delta: dict[str, torch.Tensor], preview: bytes,
+                 path: Path | None = None):
+        self.manifest, self.delta, self.preview, self.path = manifest, delta, preview, path
+
+    @classmethod
+    def from_delta(cls, name: str, training: ESDConfig, base: BaseRef, delta: dict[str, torch.Tensor], preview,
+                   metrics: dict[str, Any] | None = None) -> "ConceptPack":
+        """A new pack (not yet saved) from a training result; ``preview`` is a PIL image or PNG bytes."""
+        from . import __version__
+
+        if not isinstance(preview, bytes):
+            buf = io.BytesIO()
+            preview.save(buf, format="PNG")
+            preview = buf.getvalue()
+        delta = {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
+        manifest = Manifest(name=name, training=training, base=base, tensors=_tensor_infos(delta),
+                            metrics=metrics or {}, created_at=dt.datetime.now(dt.timezone.utc),
+                            tool_version=__version__)
+        return cls(manifest, delta, preview)
+
+    # --- what it is ---------------------------------------------------------------------------------------------
 
     @property
     def name(self) -> str:
         return self.manifest.name
 
+    @property
+    def concepts(self) -> list[str]:
+        return self.manifest.concepts
+
+    @property
+    def training(self) -> ESDConfig:
+        return self.manifest.training
+
     def __repr__(self) -> str:
         m = self.manifest
         return f"ConceptPack(name={m.name!r}, concepts={m.concepts}, method={m.method!r}, tensors={len(m.tensors)})"
 
+    @property
+    def _label(self) -> str:
+        return f"{self.name!r}" + (f" ({self.path})" if self.path else "")
+
+    # --- loading and saving -------------------------------------------------------------------------------------
+
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ConceptPack":
-        """Read and check a pack directory: file set, sha256 of every file, tensors as declared and finite."""
+    def from_pretrained(cls, pretrained: str | os.PathLike, revision: str | None = None,
+                        **registry_kwargs) -> "ConceptPack":
+        """Load and check a pack directory, or pull ``NAMESPACE/NAME`` at ``revision`` through the installed
+        registry (the Hub at ``HF_ENDPOINT``, else the shipped local registry; ``registry_kwargs`` go to it).
+
+        Checks: the file set, the sha256 of every file, safetensors only, tensors as declared and finite."""
+        path = Path(pretrained).expanduser()
+        if path.is_dir():
+            if revision is not None:
+                raise PackIntegrityError(str(path), f"revision={revision!r} applies to a Hub id, not a directory")
+            return cls._load_directory(path)
+        text = str(pretrained)
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            from importlib.metadata import entry_points
+
+            sources = list(entry_points(group=PACK_SOURCES_GROUP))
+            if sources:
+                return sources[0].load()(text, revision=revision or "main", **registry_kwargs)
+            raise PackIntegrityError(text, "no such pack directory; resolving a Hub id needs the registry package "
+                                           "installed (pip install erasure)")
+        raise PackIntegrityError(text, "no such pack directory")
+
+    @classmethod
+    def _load_directory(cls, path: Path) -> "ConceptPack":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        path = Path(path)
         label = str(path)
-        if not path.is_dir():
-            raise PackIntegrityError(label, "no such pack directory")
         present = {p.name for p in path.iterdir() if not p.name.startswith(".")}
         unsafe = sorted(n for n in present if n.lower().endswith(UNSAFE_SUFFIXES))
         if unsafe:
@@ -146,12 +235,10 @@ class ConceptPack:
         if MANIFEST not in present:
             raise PackIntegrityError(label, f"{MANIFEST} is missing")
         try:
-            manifest = Manifest.model_validate_json((path / MANIFEST).read_text())
+            manifest = Manifest.from_json((path / MANIFEST).read_text())
         except (ValidationError, ValueError) as exc:
-            raise PackIntegrityError(label, f"{MANIFEST} is not a valid manifest: {exc}") from None
+            raise PackIntegrityError(label, f"{MANIFEST} is not a valid manifest: {_first_line(exc)}") from None
         label = f"{manifest.name!r} ({path})"
-        if manifest.format_version != FORMAT_VERSION:
-            raise PackIntegrityError(label, f"format version {manifest.format_version}, this tool reads {FORMAT_VERSION}")
         expected = set(PACK_FILES) - {MANIFEST}
         if set(manifest.files) != expected:
             raise PackIntegrityError(label, f"manifest lists files {sorted(manifest.files)}, expected {sorted(expected)}")
@@ -170,60 +257,63 @@ class ConceptPack:
             raise PackIntegrityError(label, f"delta tensors differ from the manifest (extra {extra}, missing {missing})")
         for name, t in delta.items():
             info = manifest.tensors[name]
-            if list(t.shape) != info.shape or str(t.dtype).removeprefix("torch.") != info.dtype:
+            if list(t.shape) != info.shape or _dtype_name(t) != info.dtype:
                 raise PackIntegrityError(label, f"tensor {name} is {list(t.shape)} {t.dtype}, manifest says {info}")
             if not torch.isfinite(t).all():
                 raise PackIntegrityError(label, f"tensor {name} holds NaN or Inf values")
-        return cls(path, manifest, {k: v.float() for k, v in delta.items()})
+        return cls(manifest, delta, (path / PREVIEW).read_bytes(), path=path)
 
-    def verify_against(self, unet_or_state, base_state: dict[str, torch.Tensor] | None = None) -> None:
-        """Refuse (PackMismatchError) unless every touched tensor exists in the base with the same shape and the
-        base fingerprint matches. ``base_state`` overrides where the base values are read (pristine copies)."""
-        state = base_state if base_state is not None else _state_of(unet_or_state)
-        label = f"{self.name!r} ({self.path})"
+    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+        """Write the pack's four files; the manifest, holding the others' sha256, is written last (atomically)."""
+        from safetensors.torch import save_file
+
+        from .card import render_card
+
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        # One metadata key: safetensors writes its metadata map in hash order, so two keys make the bytes (and the
+        # sha256) of identical packs differ from run to run. The format version lives in the manifest.
+        save_file(self.delta, str(out / DELTA), metadata={"format": "pt"})
+        (out / CARD).write_text(render_card(self.manifest))
+        (out / PREVIEW).write_bytes(self.preview)
+        self.manifest.files = {name: sha256_file(out / name) for name in (DELTA, CARD, PREVIEW)}
+        atomic_write_text(out / MANIFEST, self.manifest.model_dump_json(indent=2))
+        for name in PACK_FILES:  # save_file creates 0600 files; packs are published and served, make them readable
+            os.chmod(out / name, 0o644)
+        self.path = out
+        return out
+
+    # --- checking against a base ----------------------------------------------------------------------------------
+
+    def verify_against(self, base) -> None:
+        """Refuse (PackMismatchError) unless every touched tensor exists in ``base`` (a UNet, a state dict or a
+        BaseWeights) with the same shape and the base fingerprint matches."""
+        base = BaseWeights.of(base)
         names = set(self.delta)
-        unknown = sorted(n for n in names if n not in state)
+        unknown = sorted(n for n in names if n not in base.state)
         if unknown:
-            raise PackMismatchError(label, f"base has no tensor(s) {unknown[:3]}{'...' if len(unknown) > 3 else ''}")
+            raise PackMismatchError(self._label, f"base has no tensor(s) {unknown[:3]}"
+                                                 f"{'...' if len(unknown) > 3 else ''}")
         for n in sorted(names):
-            if tuple(state[n].shape) != tuple(self.delta[n].shape):
-                raise PackMismatchError(label, f"tensor {n} is {list(state[n].shape)} in the base, "
-                                               f"{list(self.delta[n].shape)} in the pack")
-        if fingerprint(state, names) != self.manifest.base.fingerprint:
-            raise PackMismatchError(label, f"built for another base ({self.manifest.base.id}): the base values of its "
-                                           f"{len(names)} touched tensors differ")
+            if tuple(base.state[n].shape) != tuple(self.delta[n].shape):
+                raise PackMismatchError(self._label, f"tensor {n} is {list(base.state[n].shape)} in the base, "
+                                                     f"{list(self.delta[n].shape)} in the pack")
+        if base.fingerprint(names) != self.manifest.base.fingerprint:
+            raise PackMismatchError(self._label, f"built for another base ({self.manifest.base.id}): the base values "
+                                                 f"of its {len(names)} touched tensors differ")
 
 
-def _state_of(unet_or_state) -> dict[str, torch.Tensor]:
-    if isinstance(unet_or_state, dict):
-        return unet_or_state
-    return dict(unet_or_state.named_parameters())
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
-def write_pack(out: Path, manifest_fields: dict, delta: dict[str, torch.Tensor], card: str, preview) -> Manifest:
-    """Write a pack directory atomically enough for a CLI: files first, the manifest (with their hashes) last."""
-    from safetensors.torch import save_file
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    delta = {k: v.detach().to("cpu").contiguous() for k, v in delta.items()}
-    # One metadata key: safetensors writes its metadata map in hash order, so two keys make the bytes (and the
-    # sha256) of identical packs differ from run to run. The format version lives in the manifest.
-    save_file(delta, str(out / DELTA), metadata={"format": "pt"})
-    (out / CARD).write_text(card)
-    preview.save(out / PREVIEW)
-    manifest = Manifest(
-        **manifest_fields,
-        tensors={k: TensorInfo(shape=list(v.shape), dtype=str(v.dtype).removeprefix("torch.")) for k, v in delta.items()},
-        files={name: sha256_file(out / name) for name in (DELTA, CARD, PREVIEW)},
-    )
-    tmp = out / (MANIFEST + ".tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    tmp.replace(out / MANIFEST)
-    for name in PACK_FILES:  # save_file creates 0600 files; packs are published and served, make them readable
-        os.chmod(out / name, 0o644)
-    return manifest
+def _tensor_infos(delta: dict[str, torch.Tensor]) -> dict[str, TensorInfo]:
+    return {k: TensorInfo(shape=list(v.shape), dtype=_dtype_name(v)) for k, v in delta.items()}
 
 
-def read_manifest(path: Path) -> dict:
-    return json.loads((Path(path) / MANIFEST).read_text())
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, ValidationError):
+        e = exc.errors()[0]
+        return f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}"
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -62,6 +62,22 @@ def load_pipeline(base: str | os.PathLike | None = "toy", device: str = "cpu", d
     return pipe.to(device)
 
 
+def share_pipeline(pipe, **components):
+    """A new pipeline object of ``pipe``'s class sharing its components, with ``components`` swapped in.
+
+    Diffusers pipelines and schedulers keep per-call state (timesteps, step index, guidance scale), so concurrent
+    callers each take their own object; building one moves no weights."""
+    import inspect
+
+    parts = {**pipe.components, **components}
+    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
+        # as loaded; the default (True) would log a warning on every call when there is no safety checker
+        parts["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", False))
+    new = type(pipe)(**parts)
+    new.set_progress_bar_config(disable=True)
+    return new
+
+
 def default_size(pipe) -> int:
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 

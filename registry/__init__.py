@@ -6,8 +6,13 @@ repository root, versions as commits (40-hex sha) and tags. Every pull is pinned
 
     >>> from registry import open_registry
     >>> reg = open_registry()                       # the shipped local registry (no network)
-    >>> pulled = reg.pull("toy/circle", "v1", to="packs/circle")
-    >>> pulled.commit_sha                           # 40 hex, what "v1" resolved to
+    >>> pulled = reg.pull("toy/circle", "v3", to="packs/circle")
+    >>> pulled.commit_sha                           # 40 hex, what "v3" resolved to
+    >>> pulled.pack                                 # the verified ConceptPack
+    ConceptPack(name='circle', concepts=['circle'], method='esd-x', tensors=20)
+
+``ConceptPack.from_pretrained("toy/circle", revision="v3")`` comes here too, through the
+``erasure.pack_sources`` entry point (``load_pack`` below).
 
 This module imports nothing heavy: the backends (and huggingface_hub) load when a registry is opened.
 """
@@ -70,4 +75,11 @@ def _same(a: Path, b: Path) -> bool:
         return False
 
 
-__all__ = ["DEFAULT_REGISTRY", "BUILTIN_SOURCE", "open_registry", "registry_for_source"]
+def load_pack(repo: str, revision: str = "main", *, endpoint: str | None = None,
+              registry_dir: str | os.PathLike | None = None, base=None, **kwargs):
+    """The verified ConceptPack ``repo`` at ``revision`` from ``open_registry(endpoint, registry_dir)``; what
+    ``ConceptPack.from_pretrained("NS/NAME", revision=...)`` calls."""
+    return open_registry(endpoint=endpoint, registry_dir=registry_dir, **kwargs).pull(repo, revision, base=base).pack
+
+
+__all__ = ["DEFAULT_REGISTRY", "BUILTIN_SOURCE", "open_registry", "registry_for_source", "load_pack"]

@@ -1,4 +1,5 @@
-"""``erasure push | pull | list | lock``: the registry commands (added to the ``erasure`` CLI by erasure/cli.py).
+"""``erasure push | pull | list | lock``: the registry commands, added to the ``erasure`` CLI through the
+``erasure.cli`` entry point (pyproject.toml), so erasure/ never imports registry/.
 
 Every command runs against ``--endpoint URL`` (a Hub), ``--registry DIR`` (a local registry), else ``HF_ENDPOINT``
 if set, else the shipped local registry. User errors are ``ErasureError``s, printed by ``erasure`` as one line.
@@ -15,12 +16,13 @@ def _registry(args):
     return open_registry(endpoint=args.endpoint, registry_dir=args.registry)
 
 
-def _base_unet(base: str | None):
+def _base(base: str | None):
     if not base:
         return None
+    from erasure.pack import BaseWeights
     from erasure.pipeline import load_pipeline
 
-    return load_pipeline(base).unet
+    return BaseWeights(load_pipeline(base).unet)
 
 
 def cmd_push(args) -> None:
@@ -31,7 +33,7 @@ def cmd_push(args) -> None:
 
 
 def cmd_pull(args) -> None:
-    from ._common import parse_spec
+    from .refs import parse_spec
 
     repo, revision = parse_spec(args.spec)
     lock = None
@@ -40,20 +42,18 @@ def cmd_pull(args) -> None:
 
         lock = LockFile.load(args.lock, missing_ok=True)  # a malformed lock fails before any download
     reg = _registry(args)
-    pulled = reg.pull(repo, revision, to=Path(args.to) if args.to else None, base_unet=_base_unet(args.base))
+    pulled = reg.pull(repo, revision, to=Path(args.to) if args.to else None, base=_base(args.base))
     print(f"{pulled.repo}@{pulled.commit_sha}")
     print(f"verified {len(pulled.files)} files (sha256 against the manifest and the registry)"
           + (f"; wrote {pulled.path}" if args.to else f"; at {pulled.path}"))
     if lock is not None:
-        from erasure.pack import read_manifest
-
-        name = args.name or read_manifest(pulled.path)["name"]
+        name = args.name or pulled.pack.name
         lock.add(name, pulled, reg.source)
         print(f"locked {name} -> {pulled.repo}@{pulled.commit_sha[:12]} in {lock.save()}")
 
 
 def cmd_list(args) -> None:
-    from ._common import check_namespace
+    from .refs import check_namespace
 
     check_namespace(args.namespace)
     reg = _registry(args)
@@ -72,19 +72,18 @@ def cmd_list(args) -> None:
 
 def cmd_lock(args) -> None:
     from erasure.errors import InvalidArgumentError
-    from erasure.pack import read_manifest
 
-    from ._common import parse_spec
     from .lock import LockFile
+    from .refs import parse_spec
 
     specs = [parse_spec(s) for s in args.specs]
     lock = LockFile.load(args.lock, missing_ok=True)
     reg = _registry(args)
-    base_unet = _base_unet(args.base)
+    base = _base(args.base)
     seen: dict[str, str] = {}
     for repo, revision in specs:
-        pulled = reg.pull(repo, revision, base_unet=base_unet)  # into the cache, verified
-        name = read_manifest(pulled.path)["name"]
+        pulled = reg.pull(repo, revision, base=base)  # into the cache, verified
+        name = pulled.pack.name
         if name in seen and seen[name] != repo:
             raise InvalidArgumentError(f"{seen[name]} and {repo} are both packs named {name!r}; lock them "
                                        "separately with `erasure pull ... --lock --name OTHER`")

@@ -6,15 +6,18 @@ One model repository per pack, the pack's files at the repository root exactly a
 - Endpoint: ``HubRegistry(endpoint=...)`` (the CLI's ``--endpoint``) overrides ``HF_ENDPOINT``, read when the
   registry is created (huggingface_hub itself reads it once at import); the endpoint is passed explicitly to every
   call. Token: ``token=`` or, by default, huggingface_hub's own lookup (``HF_TOKEN``, then the stored login).
-- Push: the pack is validated (``ConceptPack.load``) before any network call; then ``create_repo(exist_ok=True)``
+- Push: the pack is validated (``ConceptPack.from_pretrained``) before any network call; then ``create_repo(exist_ok=True)``
   and ONE ``create_commit`` holding every pack file (README.md, the model card, included) and deleting any stray
   file, with ``parent_commit`` = the head it was computed against; an optional tag follows. The Hub applies a commit
   atomically, so a failed push leaves no half-published pack. LFS content the Hub already has is not sent again.
 - Pull: the revision is resolved to a commit sha first; the commit's tree is read (sizes, LFS sha256, git blob
-  ids) and refused if it is not a pack; ``snapshot_download(revision=<sha>)`` fills the HF cache; every file is
-  checked against the tree and the manifest (huggingface_hub only checks sizes) before anything reaches ``to``.
-  With ``HF_HUB_OFFLINE=1`` a pinned sha (or a tag/branch pulled before) is served from the cache and checked
-  against the tree listing the client cached and the manifest.
+  ids) and refused if it is not a pack; ``snapshot_download`` fills the HF cache and must land on that sha (a
+  revision that moved meanwhile is refused); every file is checked against the tree and the manifest
+  (huggingface_hub only checks sizes) before anything reaches ``to``. A refused revision is deleted from the cache
+  (``scan_cache_dir().delete_revisions``). With ``HF_HUB_OFFLINE=1`` (or an unreachable endpoint and a pinned sha)
+  the cache serves the revision, checked against the manifest and the lock's hashes.
+- Only huggingface_hub's public API is used (HfApi, snapshot_download, hf_hub_download, scan_cache_dir,
+  huggingface_hub.errors); the tested major version is pinned in pyproject.toml.
 - Servers other than huggingface.co cannot take Xet uploads: set ``HF_HUB_DISABLE_XET=1`` for them.
 """
 
@@ -24,35 +27,27 @@ import contextlib
 import os
 from pathlib import Path
 
+from erasure.card import PACK_TAG
+from erasure.files import sha256_file
 from erasure.pack import MANIFEST, PACK_FILES, ConceptPack
 
-from ._common import (GITATTRIBUTES, SHA_RE, RemoteFile, check_listing, check_namespace, check_repo_id, check_tag,
-                      finish_pull, git_blob_sha1, manifest_summary)
-from .base import (AccessDeniedError, PackInfo, PackNotFoundError, PulledPack, PushError, PushResult, RegistryError,
-                   RevisionNotFoundError, VerificationError)
+from .errors import (AccessDeniedError, PackNotFoundError, PushError, RegistryError, RevisionNotFoundError,
+                     VerificationError)
+from .refs import SHA_RE, check_namespace, check_repo_id, check_tag
+from .types import PackInfo, PulledPack, PushResult
+from .verify import GITATTRIBUTES, push_message, RemoteFile, check_listing, finish_pull, git_blob_sha1, manifest_summary
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-TAG = "concept-erasure"  # every pack's card carries it (erasure.card); `erasure list` filters on it
 
 
-def _network_errors() -> tuple[type[BaseException], ...]:
-    errors: list[type[BaseException]] = []
-    for mod, names in (("httpx2", ("ConnectError", "TimeoutException", "NetworkError")),
-                       ("httpx", ("ConnectError", "TimeoutException", "NetworkError")),
-                       ("requests", ("ConnectionError", "Timeout"))):
-        try:
-            m = __import__(mod)
-        except ImportError:
-            continue
-        errors += [getattr(m, n) for n in names if hasattr(m, n)]
-    return tuple(errors)
+class _Unreachable(RegistryError):
+    """The endpoint could not be reached (no HTTP answer at all)."""
 
 
 def _offline() -> bool:
     from huggingface_hub import constants
 
-    fn = getattr(constants, "is_offline_mode", None)
-    return bool(fn() if fn else constants.HF_HUB_OFFLINE)
+    return bool(constants.is_offline_mode())
 
 
 def _server_message(exc) -> str:
@@ -95,9 +90,6 @@ class HubRegistry:
 
         return Path(self.cache_dir or constants.HF_HUB_CACHE).expanduser()
 
-    def _storage(self, repo: str) -> Path:
-        return self._cache_root() / ("models--" + repo.replace("/", "--"))
-
     # --- errors -------------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -137,10 +129,10 @@ class HubRegistry:
             if pushing:
                 raise PushError(f"push to {repo} at {self.endpoint} failed: HTTP {status}{detail}") from None
             raise RegistryError(f"{self.endpoint} answered HTTP {status} for {repo}{detail}") from None
-        except _network_errors() as exc:
+        except hf.HTTPError as exc:  # no HTTP answer: refused connection, timeout, DNS (HfHubHTTPError is above)
             hint = "" if pushing else "; to use the cache, set HF_HUB_OFFLINE=1 and pin a commit sha"
-            raise RegistryError(f"cannot reach {self.endpoint} ({type(exc).__name__}: {exc}); check --endpoint / "
-                                f"HF_ENDPOINT{hint}") from None
+            raise _Unreachable(f"cannot reach {self.endpoint} ({type(exc).__name__}: {exc}); check --endpoint / "
+                               f"HF_ENDPOINT{hint}") from None
 
     def _known_refs(self, repo: str) -> str:
         try:
@@ -153,105 +145,73 @@ class HubRegistry:
     # --- the Registry interface ---------------------------------------------------------------------------------
 
     def resolve(self, repo: str, revision: str = "main") -> str:
-        """REV (branch, tag or sha) -> 40-hex commit sha. Offline: a sha as is, else the ref cached by a pull."""
-        return self._resolve(repo, revision)[0]
-
-    def _resolve(self, repo: str, revision: str) -> tuple[str, bool]:
-        """(sha, whether the endpoint answered)."""
+        """REV (branch, tag or sha) -> 40-hex commit sha. Offline: what the HF cache holds for REV."""
         check_repo_id(repo)
         if _offline():
-            if SHA_RE.match(revision):
-                return revision, False
-            ref = self._storage(repo) / "refs" / revision
-            if ref.is_file():
-                return ref.read_text().strip(), False
-            raise RevisionNotFoundError(f"HF_HUB_OFFLINE=1 and {repo}@{revision} was never pulled into "
-                                        f"{self._cache_root()}; pin a commit sha (packs.lock) or pull once online")
+            return self._cached_snapshot(repo, revision).name
         with self._errors(repo, revision):
-            try:
-                info = self.api.model_info(repo, revision=revision)
-            except _network_errors():
-                if SHA_RE.match(revision):
-                    return revision, False  # a pinned sha: the cache may serve it (checked by pull)
-                raise
+            info = self.api.model_info(repo, revision=revision)
         if not info.sha or not SHA_RE.match(info.sha):
             raise RegistryError(f"{self.endpoint} gave no commit sha for {repo}@{revision}")
-        return info.sha, True
+        return info.sha
 
-    def _remote_files(self, repo: str, sha: str, online: bool = True) -> dict[str, RemoteFile] | None:
-        """The commit's tree: sizes, LFS sha256 and git blob ids. A commit's tree never changes, so the listing
-        huggingface_hub cached when it downloaded this commit (<cache>/trees/<sha>.json) is used when present;
-        otherwise it is asked for. None when neither is available (offline, never downloaded): then the manifest
-        and a lock's hashes are what the files are checked against."""
+    def _snapshot(self, repo: str, revision: str, cached_only: bool = False) -> Path:
+        from huggingface_hub import snapshot_download
+
+        with self._errors(repo, revision):
+            return Path(snapshot_download(repo, revision=revision, allow_patterns=list(PACK_FILES),
+                                          cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token,
+                                          local_files_only=cached_only))
+
+    def _cached_snapshot(self, repo: str, revision: str) -> Path:
+        try:
+            return self._snapshot(repo, revision, cached_only=True)
+        except RegistryError:
+            raise RevisionNotFoundError(f"{repo}@{revision} is not in the cache {self._cache_root()} and "
+                                        f"{self.endpoint} is not used (offline); pull it once online, or pin the "
+                                        "commit sha of a cached pull (packs.lock)") from None
+
+    def _remote_files(self, repo: str, sha: str) -> dict[str, RemoteFile]:
+        """The commit's tree: sizes, LFS sha256 and git blob ids."""
         from huggingface_hub.hf_api import RepoFile
 
-        try:
-            from huggingface_hub._tree_cache import read_tree_cache
-        except ImportError:  # older clients keep no tree cache
-            read_tree_cache = None
-        cached = read_tree_cache(str(self._storage(repo)), sha) if read_tree_cache is not None else None
-        if cached is not None:
-            return {path: RemoteFile(size=e.lfs_size if e.lfs_sha256 else e.size, sha256=e.lfs_sha256,
-                                     git_oid=None if e.lfs_sha256 else e.blob_id) for path, e in cached.items()}
-        if not online or _offline():
-            return None
         with self._errors(repo, sha):
             entries = [f for f in self.api.list_repo_tree(repo, revision=sha, recursive=True)
                        if isinstance(f, RepoFile)]
         return {f.path: RemoteFile(size=f.size, sha256=f.lfs.sha256 if f.lfs else None,
                                    git_oid=None if f.lfs else f.blob_id) for f in entries}
 
-    def pull(self, repo: str, revision: str = "main", to: Path | None = None, base_unet=None,
+    def pull(self, repo: str, revision: str = "main", to: Path | None = None, base=None,
              expected_files: dict[str, str] | None = None) -> PulledPack:
-        from huggingface_hub import snapshot_download
-
-        sha, reachable = self._resolve(repo, revision)
-        remote = self._remote_files(repo, sha, online=reachable)
-        where = self.endpoint
-        if remote is not None:
-            check_listing(repo, sha, remote, where)
-        with self._errors(repo, revision):
-            snapshot = Path(snapshot_download(repo, revision=sha, allow_patterns=list(PACK_FILES),
-                                              cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token))
-        if remote is None:
-            remote = self._remote_files(repo, sha, online=False)  # written by snapshot_download if it went online
-        if revision != sha:
-            self._cache_ref(repo, revision, sha)
+        check_repo_id(repo)
+        where, remote = self.endpoint, None
         try:
-            return finish_pull(repo, sha, snapshot, remote, where, to, base_unet, expected_files)
+            sha = None if _offline() else self.resolve(repo, revision)
+        except _Unreachable:
+            if not SHA_RE.match(revision):
+                raise
+            sha = None  # a pinned commit: the cache may serve it, checked against the manifest and the lock
+        if sha is not None:
+            remote = self._remote_files(repo, sha)
+            check_listing(repo, sha, remote, where)
+            snapshot = self._snapshot(repo, revision)
+            if snapshot.name != sha:
+                raise VerificationError(f"{repo}@{revision} moved from {sha[:12]} to {snapshot.name[:12]} while "
+                                        "being pulled; refused, pull again")
+        else:
+            snapshot = self._cached_snapshot(repo, revision)
+            where = f"the HF cache {self._cache_root()}"
+        try:
+            return finish_pull(repo, snapshot.name, snapshot, remote, where, to, base, expected_files)
         except VerificationError:
-            self._evict(snapshot, remote)  # a refused file must not be served from the cache next time
+            self._evict(snapshot.name)  # a refused file must not be served from the cache next time
             raise
 
-    def _cache_ref(self, repo: str, revision: str, sha: str) -> None:
-        """Record REV -> sha in the HF cache layout (refs/<rev>) so an offline pull by tag finds it."""
-        ref = self._storage(repo) / "refs" / revision
-        try:
-            ref.parent.mkdir(parents=True, exist_ok=True)
-            if not ref.is_file() or ref.read_text() != sha:
-                tmp = ref.with_name(f".{ref.name}.{os.getpid()}.tmp")
-                tmp.write_text(sha)
-                os.replace(tmp, ref)
-        except OSError:
-            pass
+    def _evict(self, sha: str) -> None:
+        from huggingface_hub import scan_cache_dir
 
-    def _evict(self, snapshot: Path, remote: dict[str, RemoteFile] | None) -> None:
-        """Drop every cached file of the snapshot that does not match the registry's record."""
-        for name in PACK_FILES:
-            path = snapshot / name
-            if not path.exists():
-                continue
-            info = (remote or {}).get(name)
-            ok = info is not None and (
-                (info.sha256 is not None and _sha256(path) == info.sha256)
-                or (info.git_oid is not None and git_blob_sha1(path) == info.git_oid))
-            if not ok:
-                blob = path.resolve()
-                with contextlib.suppress(OSError):
-                    path.unlink()
-                if blob != path and blob.parent.name == "blobs":
-                    with contextlib.suppress(OSError):
-                        blob.unlink()
+        with contextlib.suppress(Exception):  # eviction is best effort; the refusal itself is what matters
+            scan_cache_dir(self._cache_root()).delete_revisions(sha).execute()
 
     def push(self, pack_dir: Path, repo: str, tag: str | None = None, private: bool = False) -> PushResult:
         from huggingface_hub import CommitOperationAdd, CommitOperationDelete
@@ -261,7 +221,7 @@ class HubRegistry:
         if tag is not None:
             check_tag(tag)
         pack_dir = Path(pack_dir)
-        pack = ConceptPack.load(pack_dir)  # a bad pack is refused before any network call
+        pack = ConceptPack.from_pretrained(pack_dir)  # a bad pack is refused before any network call
         api = self.api
         with self._errors(repo, "main", pushing=True):
             api.create_repo(repo, private=private, exist_ok=True)
@@ -277,8 +237,7 @@ class HubRegistry:
                          if isinstance(f, RepoFile) and f.path not in PACK_FILES and f.path != GITATTRIBUTES]
             ops = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(pack_dir / name)) for name in PACK_FILES]
             ops += [CommitOperationDelete(path_in_repo=p) for p in stray]
-            m = pack.manifest
-            message = f"erasure push {m.name}: {', '.join(m.concepts)} ({m.method}) on {m.base.id}"
+            message = push_message(pack)
         try:
             with self._errors(repo, "main", pushing=True):
                 info = api.create_commit(repo, ops, commit_message=message, parent_commit=head)
@@ -298,12 +257,12 @@ class HubRegistry:
         return PushResult(repo=repo, commit_sha=sha, url=self.url(repo, sha), tag=tag)
 
     def _same_content(self, repo: str, sha: str, pack_dir: Path) -> bool:
-        remote = self._remote_files(repo, sha) or {}
+        remote = self._remote_files(repo, sha)
         for name in PACK_FILES:
             info = remote.get(name)
             if info is None:
                 return False
-            if info.sha256 is not None and info.sha256 != _sha256(pack_dir / name):
+            if info.sha256 is not None and info.sha256 != sha256_file(pack_dir / name):
                 return False
             if info.git_oid is not None and info.git_oid != git_blob_sha1(pack_dir / name):
                 return False
@@ -325,7 +284,7 @@ class HubRegistry:
         api = self.api
         out = []
         with self._errors(namespace + "/*", None):
-            models = list(api.list_models(author=namespace, filter=TAG))
+            models = list(api.list_models(author=namespace, filter=PACK_TAG))
         for model in sorted(models, key=lambda m: m.id):
             with self._errors(model.id, "main"):
                 sha = api.model_info(model.id).sha
@@ -340,10 +299,3 @@ class HubRegistry:
             out.append(PackInfo(repo=model.id, name=s["name"], concepts=s["concepts"], method=s["method"],
                                 base=s["base"], latest_sha=sha, latest_tag=tags[-1] if tags else None))
         return out
-
-
-def _sha256(path: Path) -> str:
-    from erasure.pack import sha256_file
-
-    return sha256_file(path)
-

@@ -30,21 +30,20 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from erasure.pack import MANIFEST, PACK_FILES, ConceptPack, sha256_file
+from erasure.files import atomic_write_text, sha256_file
+from erasure.pack import MANIFEST, PACK_FILES, ConceptPack
 
-from ._common import (SHA_RE, RemoteFile, check_listing, check_namespace, check_repo_id, check_tag, finish_pull,
-                      manifest_summary)
-from .base import (PackInfo, PackNotFoundError, PulledPack, PushError, PushResult, RegistryError,
-                   RevisionNotFoundError)
+from .errors import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError
+from .refs import SHA_RE, check_namespace, check_repo_id, check_tag
+from .types import PackInfo, PulledPack, PushResult
+from .verify import RemoteFile, check_listing, finish_pull, manifest_summary, push_message
 
 MARKER = "registry.json"
 FORMAT = {"format": "erasure-registry", "version": 1}
 
 
 def _write_json(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def commit_sha(parent: str | None, files: dict[str, str], message: str) -> str:
@@ -128,7 +127,7 @@ class LocalRegistry:
         check_repo_id(repo)
         if tag is not None:
             check_tag(tag)
-        pack = ConceptPack.load(pack_dir)  # refuse a bad pack before touching the registry
+        pack = ConceptPack.from_pretrained(pack_dir)  # refuse a bad pack before touching the registry
         pack_dir = Path(pack_dir)
         files = {name: sha256_file(pack_dir / name) for name in PACK_FILES}
         if self.root.exists() and not (self.root / MARKER).is_file() and any(self.root.iterdir()):
@@ -148,8 +147,7 @@ class LocalRegistry:
             if parent is not None and self._commit(repo_dir, parent)["files"] == files:
                 sha = parent  # identical to the head: no new commit, like the Hub
             else:
-                m = pack.manifest
-                message = f"erasure push {m.name}: {', '.join(m.concepts)} ({m.method}) on {m.base.id}"
+                message = push_message(pack)
                 sha = commit_sha(parent, files, message)
                 self._write_commit(repo_dir, sha, parent, message, pack_dir, files)
                 refs["branches"]["main"] = sha
@@ -185,10 +183,10 @@ class LocalRegistry:
                   "created_at": dt.datetime.now(dt.timezone.utc).isoformat()}
         _write_json(commits / f"{sha}.json", record)
 
-    def pull(self, repo: str, revision: str = "main", to: Path | None = None, base_unet=None,
+    def pull(self, repo: str, revision: str = "main", to: Path | None = None, base=None,
              expected_files: dict[str, str] | None = None) -> PulledPack:
-        """Resolve, verify (see registry._common) and copy to ``to``; without ``to`` the returned path is the commit
-        directory inside the registry (read it, never write to it)."""
+        """Resolve, verify (see registry/verify.py) and copy to ``to``; without ``to`` the returned path is the
+        commit directory inside the registry (read it, never write to it)."""
         sha = self.resolve(repo, revision)
         repo_dir = self._repo_dir(repo)
         snapshot = repo_dir / "commits" / sha
@@ -197,7 +195,7 @@ class LocalRegistry:
         present = [p.name for p in snapshot.iterdir()] if snapshot.is_dir() else []
         check_listing(repo, sha, set(present) | set(record["files"]), where)
         remote = {name: RemoteFile(size=None, sha256=digest) for name, digest in record["files"].items()}
-        return finish_pull(repo, sha, snapshot, remote, where, to, base_unet, expected_files)
+        return finish_pull(repo, sha, snapshot, remote, where, to, base, expected_files)
 
     def list(self, namespace: str) -> list[PackInfo]:
         check_namespace(namespace)

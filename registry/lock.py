@@ -21,7 +21,8 @@ to the lock file's directory when it lies under it. ``erasure lock`` / ``erasure
 manifest and registry checks), which with ``HF_HUB_OFFLINE=1`` is served from the HF cache.
 
     >>> from registry.lock import LockFile
-    >>> packs = LockFile.load("packs.lock").fetch()     # {name: PulledPack}, verified
+    >>> pulled = LockFile.load("packs.lock").fetch()    # {name: PulledPack}, verified
+    >>> pulled["circle"].pack                           # the ConceptPack
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ import re
 from pathlib import Path
 
 from erasure.errors import InvalidArgumentError
+from erasure.files import atomic_write_text
 
-from ._common import SHA_RE, check_repo_id
-from .base import PulledPack, RegistryError
+from .errors import RegistryError
+from .refs import SHA_RE, check_repo_id
+from .types import PulledPack
 
 LOCK_NAME = "packs.lock"
 LOCK_VERSION = 1
@@ -105,20 +108,18 @@ class LockFile:
     def save(self) -> Path:
         data = {"version": LOCK_VERSION, "packs": {n: e.to_json() for n, e in sorted(self.entries.items())}}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, self.path)
-        return self.path
+        return atomic_write_text(self.path, json.dumps(data, indent=2) + "\n")
 
     def registry(self, name: str, **kwargs):
         from . import registry_for_source
 
         return registry_for_source(self.entries[name].source, relative_to=self.path.absolute().parent, **kwargs)
 
-    def fetch(self, names: list[str] | None = None, to_dir: str | os.PathLike | None = None, base_unet=None,
+    def fetch(self, names: list[str] | None = None, to_dir: str | os.PathLike | None = None, base=None,
               **registry_kwargs) -> dict[str, PulledPack]:
-        """Pull the locked packs (all, or ``names``) pinned to their commit, checking every file against the lock.
-        ``to_dir``: copy each pack to ``to_dir/<name>``; otherwise the paths point into the cache / registry."""
+        """Pull the locked packs (all, or ``names``) pinned to their commit, checking every file against the lock
+        and, given a ``base`` (UNet or BaseWeights), the base fingerprint. ``to_dir``: copy each pack to
+        ``to_dir/<name>``; otherwise the paths point into the cache / registry."""
         unknown = sorted(set(names or []) - set(self.entries))
         if unknown:
             raise RegistryError(f"{self.path} has no pack(s) {unknown} (it locks {sorted(self.entries) or 'nothing'})")
@@ -127,5 +128,5 @@ class LockFile:
             e = self.entries[name]
             reg = self.registry(name, **registry_kwargs)
             out[name] = reg.pull(e.repo, e.revision, to=Path(to_dir) / name if to_dir is not None else None,
-                                 base_unet=base_unet, expected_files=e.files)
+                                 base=base, expected_files=e.files)
         return out

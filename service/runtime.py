@@ -1,7 +1,7 @@
 """What the service does at load time and per request, without any HTTP: pull, verify, compose, generate.
 
 Race-free per-request packs. The base pipeline is loaded once and never mutated afterwards. Each distinct pack set
-(mandatory packs + the ones a request names, sorted) gets its own UNet from ``erasure.compose.shared_copy``: the
+(mandatory packs + the ones a request names, sorted) gets its own UNet from ``erasure.compose.compose_unet``: the
 copy shares every untouched parameter tensor with the base, only the tensors the packs touch are new (for esd-x,
 the cross-attention weights: ~6 % of the toy UNet). Copies live in a small LRU cache keyed by the pack set and are
 built once under a per-key lock; the sets known at start-up are precomposed and pinned. Every request then runs a
@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import copy
 import dataclasses
-import inspect
 import logging
 import threading
 import time
@@ -23,9 +22,9 @@ from typing import Any
 
 import torch
 
-from erasure.compose import shared_copy
+from erasure.compose import compose_unet
 from erasure.errors import ErasureError
-from erasure.pack import ConceptPack
+from erasure.pack import BaseWeights, ConceptPack
 
 from .config import ServiceConfig
 
@@ -64,11 +63,11 @@ class _Entry:
 
 
 class PackSetCache:
-    """Pack set -> UNet (shared_copy of the base). Built once per key; unpinned entries are evicted LRU."""
+    """Pack set -> UNet (compose_unet of the base). Built once per key; unpinned entries are evicted LRU."""
 
-    def __init__(self, base_unet: torch.nn.Module, packs: dict[str, LoadedPack], capacity: int):
-        self.base_unet, self.packs, self.capacity = base_unet, packs, capacity
-        self._base_ptrs = {p.data_ptr() for p in base_unet.parameters()}
+    def __init__(self, base: BaseWeights, packs: dict[str, LoadedPack], capacity: int):
+        self.base, self.base_unet, self.packs, self.capacity = base, base.module, packs, capacity
+        self._base_ptrs = {p.data_ptr() for p in base.state.values()}
         self._entries: collections.OrderedDict[PackSet, _Entry] = collections.OrderedDict()
         self._building: dict[PackSet, threading.Lock] = {}
         self._lock = threading.Lock()
@@ -90,7 +89,7 @@ class PackSetCache:
                 if entry is not None:
                     return entry.unet, False
             t0 = time.perf_counter()
-            unet = shared_copy(self.base_unet, [(self.packs[n].pack, self.packs[n].scale) for n in key])
+            unet = compose_unet(self.base, [(self.packs[n].pack, self.packs[n].scale) for n in key])
             seconds = time.perf_counter() - t0
             extra = sum(p.numel() * p.element_size() for p in unet.parameters() if p.data_ptr() not in self._base_ptrs)
             with self._lock:
@@ -141,9 +140,10 @@ class Runtime:
         self.native_size = default_size(self.pipe)
         # width/height must survive the VAE and every UNet downsampling without rounding
         self.size_multiple = self.pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.base = BaseWeights(unet)  # fingerprints computed once, for every pack checked or composed on it
         self.packs = self._load_packs()
         self.mandatory: PackSet = tuple(sorted(config.mandatory))
-        self.cache = PackSetCache(unet, self.packs, config.pack_set_cache)
+        self.cache = PackSetCache(self.base, self.packs, config.pack_set_cache)
         self._local = threading.local()
         self.precompose_seconds = self._precompose()
 
@@ -182,16 +182,15 @@ class Runtime:
                         # never open_registry() bare: it would follow $HF_ENDPOINT; None means the shipped one
                         registry = registry_for_source(reg_path) if reg_path else open_registry(
                             registry_dir=DEFAULT_REGISTRY)
-                    pulled = registry.pull(e.repo, e.revision)
+                    pulled = registry.pull(e.repo, e.revision, base=self.base)
                     source = registry.source
                 else:
                     if name not in lock.entries:
                         raise StartupError(f"pack {name!r}: not in the lock {lock_path} "
                                            f"(it locks {sorted(lock.entries) or 'nothing'})")
-                    pulled = lock.fetch([name])[name]
+                    pulled = lock.fetch([name], base=self.base)[name]  # verified, base fingerprint included
                     source = lock.entries[name].source
-                pack = ConceptPack.load(pulled.path)
-                pack.verify_against(self.pipe.unet)  # refuse a pack built for another base
+                pack = pulled.pack
             except StartupError:
                 raise
             except (ErasureError, OSError, ValueError) as exc:
@@ -235,17 +234,13 @@ class Runtime:
         return tok
 
     def fresh_pipeline(self, unet):
-        """A new pipeline object: shared read-only modules, this pack set's UNet, its own scheduler."""
+        """A new pipeline object: shared read-only modules, this pack set's UNet, its own scheduler, and this
+        thread's tokenizer."""
+        from erasure.pipeline import share_pipeline
+
         base = self.pipe
-        parts = dict(base.components)
-        parts.update(unet=unet, tokenizer=self._tokenizer(),
-                     scheduler=type(base.scheduler).from_config(base.scheduler.config))
-        if "requires_safety_checker" in inspect.signature(type(base).__init__).parameters:
-            # as loaded; the default (True) would log a warning on every request when there is no safety checker
-            parts["requires_safety_checker"] = bool(base.config.get("requires_safety_checker", False))
-        pipe = type(base)(**parts)
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
+        return share_pipeline(base, unet=unet, tokenizer=self._tokenizer(),
+                              scheduler=type(base.scheduler).from_config(base.scheduler.config))
 
     def generate(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
                  width: int, height: int, seeds: list[int]) -> tuple[list, bool]:

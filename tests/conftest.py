@@ -21,24 +21,8 @@ def oracle():
     return Oracle.load()
 
 
-def make_random_toy_pipe(tmp_dir, seed: int = 0):
-    """The toy architecture with random weights: instant, for tests of mechanics (not of image quality)."""
-    from diffusers import StableDiffusionPipeline
-
-    from erasure.toy import models
-    from erasure.toy.tokenizer import build_tokenizer_files, load_tokenizer
-
-    torch.manual_seed(seed)
-    tokenizer = load_tokenizer(build_tokenizer_files(tmp_dir / "tokenizer"))
-    pipe = StableDiffusionPipeline(
-        vae=models.make_vae(), text_encoder=models.make_text_encoder(tokenizer), tokenizer=tokenizer,
-        unet=models.make_unet(), scheduler=models.make_scheduler(), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 @pytest.fixture()
 def random_pipe(tmp_path):
-    return make_random_toy_pipe(tmp_path)
+    from factories import random_toy_pipe
+
+    return random_toy_pipe(tmp_path)

@@ -32,7 +32,10 @@ def one_line_error(proc, *needles):
     (["generate", "a red circle", "--out", "/etc/hostname/x.png"], ["does not exist"]),
     (["generate", "a red circle", "--out", "/tmp"], ["is a directory"]),
     (["generate", "a red circle"], ["--out"]),
-    (["train", "--concept", "circle", "--method", "esd-q", "--out", "p"], ["unknown method 'esd-q'"]),
+    (["train", "--concept", "circle", "--method", "esd-q", "--out", "p"], ["--method", "'esd-q'", "esd-x-strict"]),
+    (["train", "--concept", "circle", "--iterations", "0", "--out", "p"], ["--iterations", "greater than 0"]),
+    (["train", "--concept", "circle", "--preserve", "circle", "--out", "p"], ["preserve names an erased concept"]),
+    (["train", "--concept", "circle", "--lr", "fast", "--out", "p"], ["--lr", "invalid float"]),
     (["eval", "--samples", "0"], ["positive integer"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, needles, tmp_path):
@@ -44,11 +47,33 @@ def test_base_directory_that_is_not_a_pipeline(tmp_path):
                    "not a diffusers pipeline")
 
 
-def test_help_is_fast_and_lists_commands():
+def test_help_lists_every_command_without_importing_torch():
     proc = run("--help", timeout=60)
     assert proc.returncode == 0
-    for cmd in ("generate", "eval", "train", "toy"):
+    for cmd in ("generate", "eval", "train", "toy", "push", "pull", "list", "lock"):  # registry's come by entry point
         assert cmd in proc.stdout
+    probe = ("import sys; from erasure.cli import build_parser; build_parser().parse_args(['train', '--help'])")
+    check = subprocess.run([sys.executable, "-c", probe + "\n"], capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0 and "--preserve-unconditional" in check.stdout
+    heavy = ("import sys, contextlib, io\nfrom erasure.cli import build_parser\n"
+             "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+             "    build_parser().parse_args(['train', '--help'])\n"
+             "print(sorted(m for m in ('torch', 'diffusers', 'transformers', 'huggingface_hub') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", heavy], capture_output=True, text=True, timeout=60)
+    assert loaded.stdout.strip() == "[]", loaded.stdout + loaded.stderr
+
+
+def test_train_flags_are_generated_from_the_config():
+    from erasure.cli import build_parser, model_from_args
+    from erasure.config import ESDConfig
+
+    args = build_parser().parse_args(["train", "--concept", "circle", "--concept", "red", "--lr", "3e-4",
+                                      "--preserve-unconditional", "--template", "a photo of {}", "--out", "x"])
+    cfg = model_from_args(ESDConfig, args)
+    assert cfg == ESDConfig(concepts=["circle", "red"], lr=3e-4, preserve_unconditional=True,
+                            templates=["a photo of {}"])
+    assert model_from_args(ESDConfig, build_parser().parse_args(["train", "--concept", "c", "--out", "x"])) == \
+        ESDConfig(concepts=["c"])  # flags not given keep the config's defaults
 
 
 def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
@@ -62,12 +87,12 @@ def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
                "--pool-trajectories", "1", "--preserve", "square", "--anchor", "star", "--eval-samples", "0",
                "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    pack = ConceptPack.load(out)
-    m = pack.manifest
-    assert (m.concepts, m.method, m.iterations, m.ddim_steps) == (["circle"], "esd-x", 3, 4)
-    assert (m.batch_size, m.refresh_every, m.pool_trajectories) == (2, 2, 1)
-    assert (m.templates, m.preserve, m.anchor) == (["toy"], ["square"], ["star"])
-    assert sorted(m.tensors) == sorted(select_parameters(load_pipeline("toy").unet, "esd-x"))
+    pack = ConceptPack.from_pretrained(out)
+    t = pack.training
+    assert (t.concepts, t.method, t.iterations, t.ddim_steps) == (["circle"], "esd-x", 3, 4)
+    assert (t.batch_size, t.refresh_every, t.pool_trajectories) == (2, 2, 1)
+    assert (t.templates, t.preserve, t.anchor) == (["toy"], ["square"], ["star"])
+    assert sorted(pack.manifest.tensors) == sorted(select_parameters(load_pipeline("toy").unet, "esd-x"))
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "concept-erasure" in card and "esd" in card
     assert (out / "preview.png").stat().st_size > 0

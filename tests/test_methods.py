@@ -1,19 +1,15 @@
 import pytest
-from diffusers import UNet2DConditionModel
 from torch import nn
 
+from erasure.config import METHODS
 from erasure.errors import InvalidArgumentError
-from erasure.methods import METHODS, select_parameters
+from erasure.methods import FILTERS, select_parameters
+from factories import tiny_unet
 
 
 @pytest.fixture(scope="module")
 def unet():
-    # SD-style layout: cross-attention in down, mid and up blocks.
-    return UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=4, norm_num_groups=8,
-    )
+    return tiny_unet()  # SD-style layout: cross-attention in down, mid and up blocks
 
 
 def linear_conv_params(unet):
@@ -55,4 +51,4 @@ def test_esd_u_is_everything_else_and_never_norms(unet):
 def test_unknown_method_is_an_error(unet):
     with pytest.raises(InvalidArgumentError, match="unknown method 'esd-xx'"):
         select_parameters(unet, "esd-xx")
-    assert set(METHODS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all"}
+    assert set(METHODS) == set(FILTERS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all"}

@@ -12,11 +12,11 @@ from erasure.cli import main
 from erasure.errors import PackIntegrityError, PackMismatchError
 from erasure.pack import PACK_FILES, sha256_file
 from hubserver import FakeHub
-from registry.base import (AccessDeniedError, PackNotFoundError, PushError, RevisionNotFoundError,
+from registry.errors import (AccessDeniedError, PackNotFoundError, PushError, RevisionNotFoundError,
                            VerificationError)
 from registry.hub import HubRegistry
 from registry.lock import LockFile
-from registry_helpers import leftovers, make_pack, read_files, recard, rewrite_manifest, tiny_unet
+from factories import leftovers, pack_dir, read_files, recard, rewrite_manifest, tiny_unet
 
 TOKEN = "hf_test_write_token"
 
@@ -60,7 +60,7 @@ def reg(hub, hf):
 
 @pytest.fixture()
 def pack(tmp_path, unet):
-    return make_pack(tmp_path / "packs" / "circle", unet)
+    return pack_dir(tmp_path / "packs" / "circle", unet)
 
 
 def cli(capsys, *args):
@@ -182,9 +182,9 @@ def test_pack_for_another_base_is_refused_before_writing(reg, pack, tmp_path, un
     reg.push(pack, "ns/circle", tag="v1")
     to = tmp_path / "out" / "circle"
     with pytest.raises(PackMismatchError, match="built for another base"):
-        reg.pull("ns/circle", "v1", to=to, base_unet=tiny_unet(1))
+        reg.pull("ns/circle", "v1", to=to, base=tiny_unet(1))
     assert not to.exists() and not to.parent.exists()
-    assert reg.pull("ns/circle", "v1", to=to, base_unet=unet).path == to  # the right base is accepted
+    assert reg.pull("ns/circle", "v1", to=to, base=unet).path == to  # the right base is accepted
 
 
 def test_unknown_repo_and_revision_are_clear_errors(reg, hub, pack, capsys):
@@ -212,7 +212,7 @@ def test_push_without_token_or_with_read_only_token_is_refused(hub, hf, pack):
 
 def test_push_failing_at_commit_leaves_no_commit_and_a_retry_succeeds(reg, hub, pack, tmp_path, unet):
     first = reg.push(pack, "ns/circle", tag="v1").commit_sha
-    v2 = make_pack(tmp_path / "v2" / "circle", unet, seed=1)
+    v2 = pack_dir(tmp_path / "v2" / "circle", unet, seed=1)
     hub.fail_next_commit(500)
     with pytest.raises(PushError, match="HTTP 500.*shows no new commit; retry"):
         reg.push(v2, "ns/circle", tag="v2")
@@ -233,10 +233,10 @@ def test_push_failing_at_commit_leaves_no_commit_and_a_retry_succeeds(reg, hub, 
 def test_list_shows_packs_with_concept_method_and_base(reg, hub, tmp_path, unet, capsys):
     from huggingface_hub import HfApi
 
-    reg.push(make_pack(tmp_path / "a", unet, name="circle", concepts=["circle"], method="esd-x"), "ns/circle",
+    reg.push(pack_dir(tmp_path / "a", unet, name="circle", concepts=["circle"], method="esd-x"), "ns/circle",
              tag="v1")
-    reg.push(make_pack(tmp_path / "b", unet, name="star", concepts=["star", "striped"], method="esd-u"), "ns/star")
-    reg.push(make_pack(tmp_path / "c", unet, name="other"), "elsewhere/other")
+    reg.push(pack_dir(tmp_path / "b", unet, name="star", concepts=["star", "striped"], method="esd-u"), "ns/star")
+    reg.push(pack_dir(tmp_path / "c", unet, name="other"), "elsewhere/other")
     api = HfApi(endpoint=hub.url, token=TOKEN)  # a model repo that is not a pack: not listed
     api.create_repo("ns/plain-model")
     api.upload_file(path_or_fileobj=b"---\nlibrary_name: diffusers\n---\n# a model\n", path_in_repo="README.md",
@@ -250,7 +250,7 @@ def test_list_shows_packs_with_concept_method_and_base(reg, hub, tmp_path, unet,
     assert sorted(packs) == ["ns/circle", "ns/star", "ns/tagged-only"]
     assert packs["ns/tagged-only"].method == "?" and packs["ns/tagged-only"].concepts == []
     assert packs["ns/circle"].concepts == ["circle"] and packs["ns/circle"].method == "esd-x"
-    assert packs["ns/circle"].base == "test/tiny-unet" and packs["ns/circle"].latest_tag == "v1"
+    assert packs["ns/circle"].base == "test/base" and packs["ns/circle"].latest_tag == "v1"
     assert packs["ns/star"].concepts == ["star", "striped"] and packs["ns/star"].method == "esd-u"
     assert packs["ns/star"].latest_sha == hub.head("ns/star")
 
@@ -258,8 +258,8 @@ def test_list_shows_packs_with_concept_method_and_base(reg, hub, tmp_path, unet,
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].split() == ["REPO", "CONCEPTS", "METHOD", "BASE", "LATEST"]
-    assert lines[1].split() == ["ns/circle", "circle", "esd-x", "test/tiny-unet", hub.head("ns/circle")[:12], "(v1)"]
-    assert lines[2].split() == ["ns/star", "star,striped", "esd-u", "test/tiny-unet", hub.head("ns/star")[:12]]
+    assert lines[1].split() == ["ns/circle", "circle", "esd-x", "test/base", hub.head("ns/circle")[:12], "(v1)"]
+    assert lines[2].split() == ["ns/star", "star,striped", "esd-u", "test/base", hub.head("ns/star")[:12]]
     code, out, err = cli(capsys, "list", "nobody", "--endpoint", hub.url)
     assert code == 0 and "no packs in nobody" in out
 
@@ -284,7 +284,7 @@ def test_pushing_the_same_pack_twice_sends_no_lfs_bytes(reg, hub, pack, tmp_path
 
 def test_tag_is_immutable(reg, pack, tmp_path, unet):
     reg.push(pack, "ns/circle", tag="v1")
-    other = make_pack(tmp_path / "other" / "circle", unet, seed=3)
+    other = pack_dir(tmp_path / "other" / "circle", unet, seed=3)
     with pytest.raises(PushError, match="tag v1 .* immutable"):
         reg.push(other, "ns/circle", tag="v1")
 
@@ -374,8 +374,8 @@ def test_a_concurrent_commit_is_never_overwritten(reg, hub, pack, tmp_path, unet
     other = {}
     hub.before_next_commit(lambda h, repo: other.setdefault("sha", h.commit_directly(repo, "notes.txt", b"hi\n")))
     with pytest.raises(PushError, match=r"HTTP 412.*main moved to .* meanwhile"):
-        reg.push(make_pack(tmp_path / "v2", unet, seed=2), "ns/circle", tag="v2")
+        reg.push(pack_dir(tmp_path / "v2", unet, seed=2), "ns/circle", tag="v2")
     assert hub.head("ns/circle") == other["sha"] and "v2" not in hub.repos["ns/circle"].tags
-    v2 = reg.push(make_pack(tmp_path / "v2b", unet, seed=2), "ns/circle", tag="v2")  # a retry sees the new head
+    v2 = reg.push(pack_dir(tmp_path / "v2b", unet, seed=2), "ns/circle", tag="v2")  # a retry sees the new head
     assert hub.history("ns/circle")[:2] == [v2.commit_sha, other["sha"]]
     assert "notes.txt" not in hub.repos["ns/circle"].commits[v2.commit_sha].files

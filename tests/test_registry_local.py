@@ -14,10 +14,10 @@ from erasure.cli import main
 from erasure.errors import InvalidArgumentError, PackIntegrityError, PackMismatchError
 from erasure.pack import PACK_FILES, sha256_file
 from registry import DEFAULT_REGISTRY, open_registry
-from registry.base import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError, VerificationError
+from registry.errors import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError, VerificationError
 from registry.local import LocalRegistry
 from registry.lock import LockFile
-from registry_helpers import leftovers, make_pack, read_files, recard, tiny_unet
+from factories import leftovers, pack_dir, read_files, recard, tiny_unet
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +27,7 @@ def unet():
 
 @pytest.fixture()
 def pack(tmp_path, unet):
-    return make_pack(tmp_path / "packs" / "circle", unet)
+    return pack_dir(tmp_path / "packs" / "circle", unet)
 
 
 @pytest.fixture()
@@ -44,7 +44,7 @@ def cli(capsys, *args):
 def test_push_pull_round_trip_keeps_versions_and_tags(reg, pack, tmp_path, unet):
     v1 = reg.push(pack, "toy/circle", tag="v1")
     assert len(v1.commit_sha) == 40 and v1.url.startswith("file://")
-    v2_pack = make_pack(tmp_path / "v2" / "circle", unet, seed=1)
+    v2_pack = pack_dir(tmp_path / "v2" / "circle", unet, seed=1)
     v2 = reg.push(v2_pack, "toy/circle", tag="v2")
     assert reg.commits("toy/circle") == [v2.commit_sha, v1.commit_sha]
     assert reg.resolve("toy/circle") == v2.commit_sha
@@ -72,7 +72,7 @@ def test_identical_push_makes_no_commit_and_tags_are_immutable(reg, pack, tmp_pa
     again = reg.push(pack, "toy/circle", tag="v1")
     assert again.commit_sha == first.commit_sha and reg.commits("toy/circle") == [first.commit_sha]
     with pytest.raises(PushError, match="tag v1 .* immutable"):
-        reg.push(make_pack(tmp_path / "other", unet, seed=5), "toy/circle", tag="v1")
+        reg.push(pack_dir(tmp_path / "other", unet, seed=5), "toy/circle", tag="v1")
     assert reg.commits("toy/circle") == [first.commit_sha]
 
 
@@ -82,7 +82,7 @@ def test_refusals_write_nothing(reg, pack, tmp_path, unet):
     to = tmp_path / "out" / "circle"
 
     with pytest.raises(PackMismatchError, match="built for another base"):  # another base
-        reg.pull("toy/circle", to=to, base_unet=tiny_unet(1))
+        reg.pull("toy/circle", to=to, base=tiny_unet(1))
     assert not to.exists()
 
     delta = commit_dir / "delta.safetensors"  # same-size tampering inside the registry
@@ -134,11 +134,11 @@ def test_a_push_interrupted_before_the_refs_move_publishes_nothing(reg, pack, tm
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError, match="disk full"):
-        reg.push(make_pack(tmp_path / "v2", unet, seed=2), "toy/circle", tag="v2")
+        reg.push(pack_dir(tmp_path / "v2", unet, seed=2), "toy/circle", tag="v2")
     monkeypatch.setattr(os, "replace", real_replace)
     assert reg.commits("toy/circle") == [first] and reg.tags("toy/circle") == {}
     assert reg.pull("toy/circle").commit_sha == first
-    second = reg.push(make_pack(tmp_path / "v2b", unet, seed=2), "toy/circle", tag="v2")  # the retry succeeds
+    second = reg.push(pack_dir(tmp_path / "v2b", unet, seed=2), "toy/circle", tag="v2")  # the retry succeeds
     assert reg.commits("toy/circle") == [second.commit_sha, first]
 
 
@@ -148,14 +148,14 @@ def test_list_and_cli(tmp_path, pack, unet, capsys):
     assert code == 0, err
     sha = LocalRegistry(root).resolve("toy/circle", "v1")
     assert f"commit {sha}" in out and (root / "toy" / "circle" / "commits" / sha).as_uri() in out
-    star = make_pack(tmp_path / "star", unet, name="star", concepts=["star"], method="esd-x")
+    star = pack_dir(tmp_path / "star", unet, name="star", concepts=["star"], method="esd-x")
     assert cli(capsys, "push", star, "--repo", "toy/star", "--registry", root)[0] == 0
 
     code, out, err = cli(capsys, "list", "toy", "--registry", root)
     assert code == 0, err
     lines = out.splitlines()
-    assert lines[1].split() == ["toy/circle", "circle", "esd-all", "test/tiny-unet", sha[:12], "(v1)"]
-    assert lines[2].split()[:4] == ["toy/star", "star", "esd-x", "test/tiny-unet"]
+    assert lines[1].split() == ["toy/circle", "circle", "esd-all", "test/base", sha[:12], "(v1)"]
+    assert lines[2].split()[:4] == ["toy/star", "star", "esd-x", "test/base"]
 
     to = tmp_path / "pulled"
     code, out, err = cli(capsys, "pull", "toy/circle@v1", "--to", to, "--registry", root,

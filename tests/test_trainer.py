@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from erasure.config import ESDConfig
-from erasure.trainer import ESDTrainer
+from erasure.esd import ESDTrainer
+from factories import random_toy_pipe
 
 TINY = dict(lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2, checkpoint_every=3)
 
@@ -15,16 +16,14 @@ def params(trainer):
 
 @pytest.mark.parametrize("loop,sample_with", [("pooled", "trained"), ("pooled", "frozen"), ("reference", "trained")])
 def test_resume_continues_where_it_stopped(tmp_path, loop, sample_with):
-    from conftest import make_random_toy_pipe
-
     cfg = ESDConfig(concepts=["circle", "red"], iterations=6, loop=loop, sample_with=sample_with, **TINY)
-    straight = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), cfg, progress=False)
+    straight = ESDTrainer(random_toy_pipe(tmp_path / "a"), cfg, progress=False)
     straight.train()
 
     ckpt = tmp_path / "ckpt.pt"
-    first = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), cfg, progress=False)
+    first = ESDTrainer(random_toy_pipe(tmp_path / "b"), cfg, progress=False)
     first.train(checkpoint=ckpt, until=3)  # "interrupted" after 3 iterations (checkpoint_every=3)
-    resumed = ESDTrainer(make_random_toy_pipe(tmp_path / "c"), cfg, progress=False)
+    resumed = ESDTrainer(random_toy_pipe(tmp_path / "c"), cfg, progress=False)
     resumed.load_checkpoint(ckpt)
     assert resumed.iteration == 3
     resumed.train()
@@ -35,10 +34,8 @@ def test_resume_continues_where_it_stopped(tmp_path, loop, sample_with):
 
 
 def test_deterministic_for_a_fixed_seed(tmp_path):
-    from conftest import make_random_toy_pipe
-
     cfg = ESDConfig(concepts=["circle"], iterations=3, **TINY)
-    runs = [ESDTrainer(make_random_toy_pipe(tmp_path / str(i)), cfg, progress=False) for i in range(2)]
+    runs = [ESDTrainer(random_toy_pipe(tmp_path / str(i)), cfg, progress=False) for i in range(2)]
     for r in runs:
         r.train()
     assert all(torch.equal(runs[0].delta()[n], runs[1].delta()[n]) for n in runs[0].names)
@@ -69,7 +66,7 @@ def test_only_selected_tensors_train_and_frozen_stays_frozen(random_pipe):
 
 def test_sdxl_style_pipelines_are_refused_clearly(random_pipe):
     from erasure.errors import InvalidArgumentError
-    from erasure.trainer import check_supported
+    from erasure.esd import check_supported
 
     random_pipe.unet.register_to_config(addition_embed_type="text_time")
     with pytest.raises(InvalidArgumentError, match="SDXL"):
@@ -108,12 +105,10 @@ def drift(trainer, prompt: str) -> float:
 
 
 def test_preserve_holds_other_concepts_to_the_base(random_pipe, tmp_path):
-    from conftest import make_random_toy_pipe
-
     cfg = dict(concepts=["circle"], iterations=20, templates=["toy"], lr=1e-3, ddim_steps=4, pool_trajectories=2,
                batch_size=2, refresh_every=5)
-    plain = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
-    kept = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve=["square"],
+    plain = ESDTrainer(random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
+    kept = ESDTrainer(random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve=["square"],
                                                                       preserve_weight=50.0), progress=False)
     assert kept._preserve_prompts([("a dotted circle", "a dotted")], "circle") == ["a dotted square"]
     for trainer in (plain, kept):
@@ -122,12 +117,10 @@ def test_preserve_holds_other_concepts_to_the_base(random_pipe, tmp_path):
 
 
 def test_preserve_unconditional_holds_the_empty_prompt_to_the_base(tmp_path):
-    from conftest import make_random_toy_pipe
-
     cfg = dict(concepts=["circle"], iterations=20, templates=["toy"], lr=1e-3, ddim_steps=4, pool_trajectories=2,
                batch_size=2, refresh_every=5, preserve_weight=50.0)
-    plain = ESDTrainer(make_random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
-    held = ESDTrainer(make_random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve_unconditional=True),
+    plain = ESDTrainer(random_toy_pipe(tmp_path / "a"), ESDConfig(**cfg), progress=False)
+    held = ESDTrainer(random_toy_pipe(tmp_path / "b"), ESDConfig(**cfg, preserve_unconditional=True),
                       progress=False)
     for trainer in (plain, held):
         trainer.train()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..files import atomic_path
 from . import models
 from .oracle import ASSETS, Oracle, train_oracle
 from .tokenizer import build_tokenizer_files, load_tokenizer
@@ -51,9 +52,8 @@ class BuildConfig:
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: an interrupt never leaves a half-written checkpoint
+    with atomic_path(path) as tmp:  # an interrupt never leaves a half-written checkpoint
+        torch.save(state, tmp)
 
 
 def _to_model_range(images: np.ndarray) -> torch.Tensor:

@@ -18,13 +18,11 @@ x_t but conditioned on c_p, at the same step.
 
 ``preserve_unconditional`` (not in the paper; off by default) holds the empty prompt's prediction to the base's on
 every x_t of the step, with the same weight. Classifier-free guidance reads eps(x, c) - eps(x, ""): ESD moves
-eps(x, "") too, which cancels part of the erasure and shifts every other prompt (on the toy base, red stayed at
-72-100 % until this term was added, then fell to 0-10 % with every other colour >= 95 %).
+eps(x, "") too, which cancels part of the erasure and shifts every other prompt.
 
 ``anchor`` (not in the paper; off by default) puts another concept in c0 instead of leaving the erased one out
-("a dotted red circle" for "a dotted red square"). A base that draws the concept when nothing is named (the toy
-base draws a square for "a dotted red") gives eps*(x_t, c0) ~ eps*(x_t, c), and the negative guidance has nothing
-to push against.
+("a dotted red circle" for "a dotted red square"). A base that draws the concept when nothing is named gives
+eps*(x_t, c0) ~ eps*(x_t, c), and the negative guidance has nothing to push against.
 
 x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained
 UNet (paper) or the frozen one (official script). Two loops produce x_t:
@@ -37,7 +35,7 @@ UNet (paper) or the frozen one (official script). Two loops produce x_t:
   computed eps*(x_t, c) and eps*(x_t, c0), so the targets are cached for free. bench/esd_loops.py measures both.
 
 Example:
-    >>> from erasure.trainer import ESDTrainer
+    >>> from erasure.esd import ESDTrainer
     >>> trainer = ESDTrainer(pipe, ESDConfig(concepts=["circle"], iterations=200, lr=1e-4))
     >>> trainer.train()
     >>> delta = trainer.delta()   # {diffusers name: theta - theta*}
@@ -56,6 +54,7 @@ import torch.nn.functional as F
 
 from .config import ESDConfig
 from .errors import InvalidArgumentError
+from .files import atomic_path
 from .methods import select_parameters
 
 
@@ -85,7 +84,6 @@ class ESDTrainer:
         # The frozen base shares every untouched tensor with the trained UNet: memory grows by the touched ones.
         memo = {id(p): p for n, p in params.items() if n not in self.trainable}
         self.frozen = copy.deepcopy(self.unet, memo).eval()
-        self.base_values = {n: p.detach().clone() for n, p in self.trainable.items()}
         for p in self.trainable.values():
             p.requires_grad_(True)
         self.unet.train()
@@ -284,7 +282,15 @@ class ESDTrainer:
 
     @torch.no_grad()
     def delta(self) -> dict[str, torch.Tensor]:
-        return {n: (p.detach() - self.base_values[n]).float().cpu() for n, p in self.trainable.items()}
+        """theta - theta* of every trained tensor, float32 on the CPU."""
+        base = dict(self.frozen.named_parameters())
+        return {n: (p.detach() - base[n]).float().cpu() for n, p in self.trainable.items()}
+
+    def base_fingerprint(self) -> str:
+        """The pack's base fingerprint: the frozen copy holds the base values of exactly the trained tensors."""
+        from .pack import fingerprint
+
+        return fingerprint(dict(self.frozen.named_parameters()), self.names)
 
     def state(self) -> dict:
         return {
@@ -300,10 +306,8 @@ class ESDTrainer:
         }
 
     def save_checkpoint(self, path: Path) -> None:
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save(self.state(), tmp)
-        tmp.replace(path)
+        with atomic_path(path) as tmp:
+            torch.save(self.state(), tmp)
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, weights_only=False)

@@ -1,69 +1,35 @@
-"""What both backends share: repository ids and revisions, the checks of a pulled snapshot, and the atomic hand-over
-of a verified pack to its target directory.
+"""How both backends check a pulled snapshot and hand the verified pack over atomically.
 
 A pull is refused (and nothing is written to ``to``) unless, in this order:
 1. the registry's listing of the commit holds exactly the pack files (``.gitattributes`` aside) and no
    pickle-capable file (``check_listing``, before anything is downloaded);
 2. every downloaded file has the size and hash the registry records for it (the LFS sha256 / git blob sha1 of the
    Hub tree, the sha256 of the local registry's commit record);
-3. ``ConceptPack.load`` accepts the snapshot: the manifest's sha256 of every file, safetensors only, tensors as
-   declared and finite;
+3. ``ConceptPack.from_pretrained`` accepts the snapshot: the manifest's sha256 of every file, safetensors only,
+   tensors as declared and finite;
 4. every file matches ``expected_files`` (a lock file's hashes), when given;
-5. ``ConceptPack.verify_against(base_unet)`` passes, when a base is given.
-Only then are the files copied to a temporary directory beside ``to`` and renamed into place.
+5. ``ConceptPack.verify_against(base)`` passes, when a base is given.
+Only then are the files copied to a temporary directory beside ``to`` and renamed into place; the pack object that
+was verified is what the caller gets (``PulledPack.pack``), so nothing reads or checks the files again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import re
 import shutil
 import tempfile
 import uuid
 from pathlib import Path
 
 from erasure.errors import InvalidArgumentError, PackIntegrityError
-from erasure.pack import MANIFEST, PACK_FILES, UNSAFE_SUFFIXES, ConceptPack, sha256_file
+from erasure.files import sha256_file
+from erasure.pack import PACK_FILES, UNSAFE_SUFFIXES, ConceptPack, Manifest
 
-from .base import PulledPack, VerificationError
+from .errors import VerificationError
+from .types import PulledPack
 
-SHA_RE = re.compile(r"^[0-9a-f]{40}$")
-_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
-REPO_RE = re.compile(rf"^{_PART}/{_PART}$")
-NAMESPACE_RE = re.compile(rf"^{_PART}$")
-TAG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 GITATTRIBUTES = ".gitattributes"
-
-
-def check_repo_id(repo: str) -> str:
-    if not REPO_RE.match(repo or "") or ".." in repo or repo.endswith((".git", ".")):
-        raise InvalidArgumentError(f"repository {repo!r} is not of the form NAMESPACE/NAME (letters, digits, '.', "
-                                   "'_', '-'), e.g. toy/circle")
-    return repo
-
-
-def check_namespace(namespace: str) -> str:
-    if not NAMESPACE_RE.match(namespace or "") or ".." in namespace:
-        raise InvalidArgumentError(f"namespace {namespace!r} is not a valid name (letters, digits, '.', '_', '-'); "
-                                   "give only the part before the '/', e.g. toy")
-    return namespace
-
-
-def check_tag(tag: str) -> str:
-    if not TAG_RE.match(tag or "") or SHA_RE.match(tag):
-        raise InvalidArgumentError(f"tag {tag!r} must be letters, digits, '.', '_', '-' (and not a 40-hex sha), "
-                                   "e.g. v1")
-    return tag
-
-
-def parse_spec(spec: str) -> tuple[str, str]:
-    """``NS/NAME[@REV]`` -> (repo, revision); the revision defaults to ``main``."""
-    repo, _, rev = spec.partition("@")
-    check_repo_id(repo)
-    if "@" in spec and not rev:
-        raise InvalidArgumentError(f"{spec!r}: nothing after '@'; give a branch, a tag or a 40-hex commit sha")
-    return repo, rev or "main"
 
 
 def git_blob_sha1(path: Path) -> str:
@@ -125,7 +91,7 @@ def verify_snapshot(repo: str, sha: str, snapshot: Path, remote: dict[str, Remot
             raise VerificationError(f"{label}: {name} does not match its git blob id {info.git_oid[:12]}... at "
                                     f"{where}: the stored file was altered or corrupted; refused")
     try:
-        pack = ConceptPack.load(snapshot)
+        pack = ConceptPack.from_pretrained(snapshot)
     except PackIntegrityError as exc:
         raise VerificationError(f"{label} from {where}: {exc.reason}; refused") from None
     if expected_files is not None:
@@ -174,25 +140,25 @@ def place(snapshot: Path, to: Path, files: dict[str, str]) -> Path:
 
 
 def finish_pull(repo: str, sha: str, snapshot: Path, remote: dict[str, RemoteFile] | None, where: str,
-                to: Path | None, base_unet, expected_files: dict[str, str] | None) -> PulledPack:
+                to: Path | None, base, expected_files: dict[str, str] | None) -> PulledPack:
     pack, files = verify_snapshot(repo, sha, snapshot, remote, where, expected_files)
-    if base_unet is not None:
-        pack.verify_against(base_unet)  # PackMismatchError: built for another base; nothing written yet
+    if base is not None:
+        pack.verify_against(base)  # PackMismatchError: built for another base; nothing written yet
     path = place(snapshot, to, files) if to is not None else snapshot
-    return PulledPack(repo=repo, commit_sha=sha, path=path, files=files)
+    pack.path = path
+    return PulledPack(repo=repo, commit_sha=sha, path=path, files=files, pack=pack)
 
 
 def manifest_summary(path: Path) -> dict:
     """name, concepts, method, base of a pack.json (best effort: a broken manifest reads as '?')."""
-    import json
-
     try:
-        m = json.loads(Path(path).read_text())
-        return {"name": str(m["name"]), "concepts": [str(c) for c in m["concepts"]], "method": str(m["method"]),
-                "base": str(m["base"]["id"]) + (f"@{m['base']['revision']}" if m["base"].get("revision") else "")}
-    except (OSError, ValueError, KeyError, TypeError):
+        m = Manifest.from_json(Path(path).read_text())
+    except (OSError, ValueError):
         return {"name": "?", "concepts": [], "method": "?", "base": "?"}
+    return {"name": m.name, "concepts": list(m.concepts), "method": m.method,
+            "base": m.base.id + (f"@{m.base.revision}" if m.base.revision else "")}
 
 
-__all__ = ["SHA_RE", "MANIFEST", "RemoteFile", "check_repo_id", "check_namespace", "check_tag", "parse_spec",
-           "git_blob_sha1", "check_listing", "verify_snapshot", "place", "finish_pull", "manifest_summary"]
+def push_message(pack: ConceptPack) -> str:
+    """The commit message of a push: what the pack erases and from which base."""
+    return f"erasure push {pack.name}: {', '.join(pack.concepts)} ({pack.manifest.method}) on {pack.manifest.base.id}"

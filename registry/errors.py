@@ -1,0 +1,29 @@
+"""Registry errors. Each is an ``ErasureError``: the CLI prints it as one line that says what to fix."""
+
+from __future__ import annotations
+
+from erasure.errors import ErasureError
+
+
+class RegistryError(ErasureError):
+    """Base class of registry errors."""
+
+
+class PackNotFoundError(RegistryError):
+    """No such repository in the registry."""
+
+
+class RevisionNotFoundError(RegistryError):
+    """The repository exists but has no such branch, tag or commit."""
+
+
+class VerificationError(RegistryError):
+    """A pulled file does not match the manifest / the registry's hash; nothing was written to the target."""
+
+
+class PushError(RegistryError):
+    """A push failed; the repository shows no new commit."""
+
+
+class AccessDeniedError(PushError):
+    """The registry refused the credentials (HTTP 401/403): no token, a wrong token, or no write access."""
