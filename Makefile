@@ -40,15 +40,13 @@ toy: setup
 
 # Train the four shipped toy packs, publish them to the shipped registry and lock them for the service
 # (about 10 minutes on 2 cores). Tags are immutable: bump PACK_TAG to publish a retrained set.
-# Why each option: README.md, "ESD: ... what this project adds" and "The toy world and its figures".
+# Why each option (measured): docs/esd.md and docs/toy-world.md.
 ERASURE  := $(VENV)/bin/erasure
 PACKS    := build/packs
 PACK_TAG ?= v3
 ESD_TOY  := --template toy --eval-samples 200
 SHAPES_BUT = $(foreach s,circle square triangle star cross,$(if $(filter $(s),$(1)),,--preserve $(s)))
-# the toy base draws a square in green when no shape / colour is named: square needs another c0 (--anchor);
-# --preserve-unconditional keeps guidance's empty-prompt branch at the base's (without it red was not erased);
-# red and square keep the earlier loop (batch 4 or 16, refresh 20): with the batch-1 default red took green along
+# square: the toy base draws a square when no shape is named, so c0 names another shape (--anchor)
 ANCHORS = $(foreach c,$(2),$(if $(filter $(c),$(1)),,--anchor $(c) --preserve $(c)))
 packs: setup
 	rm -rf $(PACKS) && mkdir -p $(PACKS)
