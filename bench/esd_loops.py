@@ -7,7 +7,10 @@ every --check-every iterations on a fixed set of train-template prompts; evaluat
 Prints JSON.
 
     python bench/esd_loops.py [--concept circle] [--target 0.10] [--max-iterations 600] [--template toy]
-        [--preserve square --preserve triangle --preserve-weight 5]
+        [--preserve square --preserve triangle --preserve-weight 5] [any other `erasure train` option]
+
+Training options are ESDConfig's (the same flags as `erasure train`); the bench's own defaults: concept circle,
+template toy, lr 1e-4, preserve weight 5 (as `make packs`).
 """
 
 import argparse
@@ -31,20 +34,17 @@ def concept_accuracy(pipe, oracle, samples, attr, concept):
     return float(np.mean([r == concept for r in read]))
 
 
-def run(loop: str, args, oracle, samples, attr):
+def run(cfg: ESDConfig, args, oracle, samples, attr):
     from erasure.esd import ESDTrainer
 
     pipe = load_pipeline("toy")
-    cfg = ESDConfig(concepts=[args.concept], method=args.method, iterations=args.max_iterations, lr=args.lr,
-                    loop=loop, seed=args.seed, ddim_steps=args.ddim_steps, templates=args.template,
-                    preserve=args.preserve, preserve_weight=args.preserve_weight, batch_size=args.batch_size,
-                    refresh_every=args.refresh_every, pool_trajectories=args.pool_trajectories)
+    loop = cfg.loop
     trainer = ESDTrainer(pipe, cfg, progress=False)
     history = []
     while trainer.iteration < args.max_iterations:
         trainer.train(until=trainer.iteration + args.check_every)
         trainer.unet.eval()
-        acc = concept_accuracy(pipe, oracle, samples, attr, args.concept)
+        acc = concept_accuracy(pipe, oracle, samples, attr, cfg.concepts[0])
         trainer.unet.train()
         history.append({"iteration": trainer.iteration, "train_seconds": round(trainer.train_seconds, 2),
                         "accuracy": acc})
@@ -58,48 +58,31 @@ def run(loop: str, args, oracle, samples, attr):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--concept", default="circle")
-    ap.add_argument("--method", default="esd-x")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--ddim-steps", type=int, default=50)
+    from erasure.cli import add_model_options, model_from_args
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    defaults = {"concepts": ["circle"], "templates": ["toy"], "lr": 1e-4, "preserve_weight": 5.0}
+    add_model_options(ap, ESDConfig, defaults)
     ap.add_argument("--target", type=float, default=0.10)
     ap.add_argument("--check-every", type=int, default=25)
     ap.add_argument("--max-iterations", type=int, default=600)
     ap.add_argument("--samples", type=int, default=40, help="prompts of the concept used for each check")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--template", action="append", default=None, help="as erasure train (default: toy)")
-    ap.add_argument("--preserve", action="append", default=[], help="as erasure train")
-    ap.add_argument("--preserve-weight", type=float, default=5.0, help="as erasure train (default 5, as `make packs`)")
-    defaults = ESDConfig.model_fields  # the pooled loop's options default to the trainer's defaults
-    ap.add_argument("--batch-size", type=int, default=defaults["batch_size"].default,
-                    help="pooled loop: x_t per step (default: as erasure train)")
-    ap.add_argument("--refresh-every", type=int, default=defaults["refresh_every"].default,
-                    help="pooled loop: resample the pool every N steps (default: as erasure train)")
-    ap.add_argument("--pool-trajectories", type=int, default=defaults["pool_trajectories"].default,
-                    help="pooled loop: trajectories per concept per refresh (default: as erasure train)")
     ap.add_argument("--loops", nargs="+", default=["pooled", "reference"])
     args = ap.parse_args()
-    args.template = args.template or ["toy"]
+    cfg = model_from_args(ESDConfig, args, {**defaults, "iterations": args.max_iterations})
+    concept = cfg.concepts[0]
     torch.manual_seed(0)
     oracle = Oracle.load()
-    attr = concept_attribute(args.concept)
-    samples = [s for s in plan(400, "train", seed=123) if getattr(s.scene, attr) == args.concept][: args.samples]
-    base_acc = concept_accuracy(load_pipeline("toy"), oracle, samples, attr, args.concept)
+    attr = concept_attribute(concept)
+    samples = [s for s in plan(400, "train", seed=123) if getattr(s.scene, attr) == concept][: args.samples]
+    base_acc = concept_accuracy(load_pipeline("toy"), oracle, samples, attr, concept)
     results = {}
     for loop in args.loops:
         start = time.perf_counter()
-        results[loop] = run(loop, args, oracle, samples, attr)
+        results[loop] = run(cfg.model_copy(update={"loop": loop}), args, oracle, samples, attr)
         results[loop]["wall_seconds_including_checks"] = round(time.perf_counter() - start, 1)
-    out = {"benchmark": "esd_loops", "concept": args.concept, "method": args.method, "lr": args.lr,
-           "ddim_steps": args.ddim_steps,
-           "templates": args.template, "preserve": args.preserve,
-           "preserve_weight": args.preserve_weight,
-           "pooled_batch_size": args.batch_size, "pooled_refresh_every": args.refresh_every,
-           "pooled_trajectories": args.pool_trajectories,
-           "target_accuracy": args.target,
-           "base_accuracy": base_acc,
-           "results": results}
+    out = {"benchmark": "esd_loops", "training": cfg.model_dump(exclude={"loop"}), "target_accuracy": args.target,
+           "base_accuracy": base_acc, "results": results}
     if all(r["reached_target"] for r in results.values()) and {"pooled", "reference"} <= set(results):
         out["speedup_reference_over_pooled"] = round(
             results["reference"]["train_seconds"] / results["pooled"]["train_seconds"], 2)

@@ -55,21 +55,24 @@ def flag_name(field: str, annotation) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_model_options(parser: argparse.ArgumentParser, model) -> None:
-    """One flag per field of the pydantic ``model``: type, choices, default and help come from the field."""
+def add_model_options(parser: argparse.ArgumentParser, model, defaults: dict | None = None) -> None:
+    """One flag per field of the pydantic ``model``: type, choices, default and help come from the field.
+    ``defaults`` overrides a field's default for this parser (pass the same mapping to ``model_from_args``)."""
     from pydantic_core import PydanticUndefined
 
+    defaults = defaults or {}
     for name, field in model.model_fields.items():
         ann = field.annotation
         kwargs: dict = {"dest": name, "default": None}
-        default = field.default if field.default is not PydanticUndefined else None
-        shown = "" if field.is_required() or default is None or default is False or default == [] \
+        default = defaults.get(name, field.default if field.default is not PydanticUndefined else None)
+        required = field.is_required() and name not in defaults
+        shown = "" if required or default is None or default is False or default == [] \
             else f" (default {default})"
         kwargs["help"] = (field.description or "") + shown
         args = typing.get_args(ann)
         if typing.get_origin(ann) is list:
             kwargs.update(action="append", metavar=name.removesuffix("s").upper())
-            kwargs["required"] = field.is_required()
+            kwargs["required"] = required
         elif ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(ann) is typing.Literal:
@@ -81,12 +84,13 @@ def add_model_options(parser: argparse.ArgumentParser, model) -> None:
         parser.add_argument(flag_name(name, ann), **kwargs)
 
 
-def model_from_args(model, args):
-    """The pydantic ``model`` from the flags given (others keep the model's defaults); a bad value is one line
-    naming the flag."""
+def model_from_args(model, args, defaults: dict | None = None):
+    """The pydantic ``model`` from the flags given (others keep ``defaults``, else the model's defaults); a bad
+    value is one line naming the flag."""
     from pydantic import ValidationError
 
-    values = {name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}
+    values = {**(defaults or {}),
+              **{name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}}
     try:
         return model(**values)
     except ValidationError as exc:
