@@ -51,7 +51,7 @@ def load_pipeline(base: str | os.PathLike | None = "toy", device: str = "cpu", d
 
     source = resolve_base(base)
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, revision=revision)
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, revision=revision)
     except (OSError, ValueError) as exc:  # offline Hub, unknown repo, broken directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BaseNotFoundError(f"cannot load base pipeline {source!r}: {first}") from exc
