@@ -3,7 +3,8 @@
 Read from a YAML file: ``$ERASURE_SERVICE_CONFIG`` if set, else ``service/config.yaml``. Relative paths in the
 file (``lock``, ``registry``) are taken from the file's directory, so a config and its lock travel together.
 Top-level scalar options can be overridden by environment variables ``ERASURE_SERVICE_<OPTION>`` (upper case,
-e.g. ``ERASURE_SERVICE_DEVICE=cuda``, ``ERASURE_SERVICE_LOCK=/srv/packs.lock``), which wins over the file.
+e.g. ``ERASURE_SERVICE_DEVICE=cuda``, ``ERASURE_SERVICE_LOCK=/srv/packs.lock``), options of a section by
+``ERASURE_SERVICE_<SECTION>_<OPTION>`` (``ERASURE_SERVICE_AUTH_ENABLED=true``); the environment wins over the file.
 """
 
 from __future__ import annotations
@@ -42,6 +43,20 @@ class Limits(BaseModel):
     max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale`")
 
 
+class Auth(BaseModel):
+    """Access control (service/auth.py): API keys, stored hashed, as ``Authorization: Bearer`` on every route but
+    the probes and the page's static files; a per-key rate limit on the generate APIs."""
+
+    model_config = ConfigDict(extra="forbid")
+    enabled: bool = Field(False, description="require an API key (off on the embedded default)")
+    keys_file: str | None = Field(None, description="secrets file, one key per line: `NAME sha256:HEX "
+                                                     "[rate_limit=N]` (`python -m service.auth new-key NAME`); "
+                                                     "$ERASURE_API_KEYS adds lines")
+    rate_limit: int = Field(0, ge=0, description="generate requests per minute per key (a token bucket of that "
+                                                 "size); 0 = unlimited; a key line's rate_limit=N overrides it")
+    protect_metrics: bool = Field(False, description="/metrics needs a key too")
+
+
 class ServiceConfig(BaseModel):
     """Every option of the service. See service/README.md for a table with examples."""
 
@@ -62,6 +77,7 @@ class ServiceConfig(BaseModel):
     default_size: int | None = Field(None, description="width/height when a request gives none; None: the "
                                                        "base model's native size (64 for the toy)")
     limits: Limits = Field(default_factory=Limits)
+    auth: Auth = Field(default_factory=Auth)
     threads: int = Field(4, ge=1, description="requests one worker runs concurrently (BentoML `threads`)")
     workers: int = Field(1, ge=1, description="BentoML worker processes (each loads the model)")
     timeout: int = Field(300, ge=1, description="request timeout in seconds (BentoML traffic.timeout)")
@@ -88,6 +104,12 @@ class ServiceConfig(BaseModel):
             dup = sorted({n for n in names if names.count(n) > 1})
             if dup:
                 raise ValueError(f"packs lists {dup} more than once")
+        # a request that gives no value gets the default: it must be one the limits allow
+        for default, limit in (("default_steps", "max_steps"), ("default_guidance", "max_guidance"),
+                               ("default_size", "max_size")):
+            value, most = getattr(self, default), getattr(self.limits, limit)
+            if value is not None and value > most:
+                raise ValueError(f"{default} {value} is above limits.{limit} {most}")
         return self
 
     @property
@@ -119,14 +141,23 @@ class ServiceConfig(BaseModel):
             raise InvalidArgumentError(f"service config {path} is not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise InvalidArgumentError(f"service config {path} must be a mapping of options")
+        def scalar(raw: str) -> str | None:
+            return None if raw.lower() in ("none", "null") else raw
+
         for name, field in cls.model_fields.items():
             key = ENV_PREFIX + name.upper()
-            if key in env and name != "source_path":
+            if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+                # a section (limits, auth): ERASURE_SERVICE_<SECTION>_<OPTION>, e.g. ERASURE_SERVICE_AUTH_ENABLED
+                for sub in field.annotation.model_fields:
+                    if f"{key}_{sub.upper()}" in env:
+                        section = data.get(name) if isinstance(data.get(name), dict) else {}
+                        data[name] = {**section, sub: scalar(env[f"{key}_{sub.upper()}"])}
+            elif key in env and name != "source_path":
                 raw = env[key]
                 if name in ("mandatory", "packs") and raw != "all":
                     data[name] = [x.strip() for x in raw.split(",") if x.strip()]  # comma-separated names
                 else:
-                    data[name] = None if raw.lower() in ("none", "null") else raw
+                    data[name] = scalar(raw)
         try:
             return cls.model_validate({**data, "source_path": path})
         except ValidationError as exc:
