@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from typing import Any
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 # Fields a client might send hoping to switch a pack off. There is no such switch: they get a 400 that says why.
@@ -10,6 +13,7 @@ REMOVAL_FIELDS = ("exclude", "exclude_packs", "disable", "disable_packs", "remov
 # Filled in by the service at start-up, only to word the error above.
 POLICY: dict[str, tuple[str, ...]] = {"mandatory": ()}
 MAX_SEED = 2**53  # JSON-safe integer
+NON_BLANK = re.compile(r"\S")
 
 
 class GenerateRequest(BaseModel):
@@ -42,7 +46,7 @@ class GenerateRequest(BaseModel):
     @field_validator("prompt")
     @classmethod
     def _prompt_not_blank(cls, v: str) -> str:
-        if not v.strip():
+        if not NON_BLANK.search(v):  # the published schema says the same: pattern \S
             raise ValueError("prompt is empty; describe what to draw, e.g. 'a red circle'")
         return v
 
@@ -84,6 +88,8 @@ class PackInfo(BaseModel):
     source: str = Field(description="registry the pack came from")
     base: str = Field(description="base id the pack was trained on")
     tensors: int = Field(description="UNet tensors the pack changes")
+    redteam: dict[str, Any] | None = Field(None, description="the pack's red-team record (attack-success rate of "
+                                                             "the attacks it was tested with), when it has one")
 
 
 class PackSetInfo(BaseModel):

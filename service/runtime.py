@@ -51,7 +51,7 @@ class LoadedPack:
         m = self.pack.manifest
         return {"name": self.name, "concepts": list(m.concepts), "method": m.method, "mandatory": self.mandatory,
                 "scale": self.scale, "sha": self.sha, "repo": self.repo, "source": self.source,
-                "base": m.base.id, "tensors": len(m.tensors)}
+                "base": m.base.id, "tensors": len(m.tensors), "redteam": getattr(m, "redteam", None)}
 
 
 @dataclasses.dataclass
