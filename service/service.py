@@ -12,6 +12,7 @@ import io
 import logging
 import time
 import typing as t
+from pathlib import Path
 
 import bentoml
 from PIL import Image
@@ -19,14 +20,20 @@ from pydantic import ValidationError
 from pydantic_core import PydanticCustomError
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
+from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
+from .auth import AccessControl
 from .config import ServiceConfig
+from .contract import RequestGuard, openapi_document
 from .models import MAX_SEED, POLICY, GenerateRequest, GenerateResponse, PacksResponse
 
 logger = logging.getLogger("erasure.service")
+if logger.level == logging.NOTSET:  # BentoML shows its own loggers' INFO lines; show the service's too
+    logger.setLevel(logging.INFO)
 CONFIG = ServiceConfig.load()  # read at import: threads/workers/timeout go into the decorator below
+PAGE = Path(__file__).parent / "page"
 
 _metrics: dict[str, t.Any] = {}
 _current: dict[str, "ErasureService"] = {}
@@ -53,7 +60,8 @@ def _request_error(problems: list[tuple[str, str]]) -> ValidationError:
         {"type": PydanticCustomError("limit", msg), "loc": (field,), "input": None} for field, msg in problems])
 
 
-# GET /packs (BentoML API routes are POST only; POST /packs is the same content, for bentoml clients).
+# Routes BentoML does not make: GET /packs (its API routes are POST only; POST /packs is the same listing, for
+# bentoml clients), the operator page at / (BentoML's Swagger UI moves to /docs) and the truthful /docs.json.
 async def _get_packs(request: Request) -> JSONResponse:
     svc = _current.get("svc")
     if svc is None:
@@ -61,7 +69,30 @@ async def _get_packs(request: Request) -> JSONResponse:
     return JSONResponse(svc.packs_info().model_dump(mode="json"))
 
 
-_extra_routes = Starlette(routes=[Route("/packs", _get_packs, methods=["GET"])])
+async def _openapi(request: Request) -> JSONResponse:
+    svc = _current.get("svc")
+    if svc is None:
+        return JSONResponse({"error": "the service is not ready"}, status_code=503)
+    return JSONResponse(svc.openapi())
+
+
+async def _page(request: Request) -> FileResponse:
+    return FileResponse(PAGE / "index.html", headers={"cache-control": "no-cache"})
+
+
+async def _swagger(request: Request) -> Response:
+    import _bentoml_impl.server as bentoml_server  # BentoML's Swagger UI page; it reads ./docs.json
+
+    return FileResponse(Path(bentoml_server.__file__).parent / "main-openapi.html")
+
+
+_extra_routes = Starlette(routes=[
+    Route("/", _page, methods=["GET"]),
+    Route("/packs", _get_packs, methods=["GET"]),
+    Route("/docs.json", _openapi, methods=["GET"]),
+    Route("/docs", _swagger, methods=["GET"]),
+    Mount("/page", StaticFiles(directory=PAGE), name="page"),
+])
 
 
 @bentoml.asgi_app(_extra_routes, path="/")
@@ -82,6 +113,13 @@ class ErasureService:
             logger.error("erasure service refusing to start: %s", exc)
             raise
         rt = self.runtime
+        size = CONFIG.default_size or rt.native_size
+        if size > CONFIG.limits.max_size or size % rt.size_multiple:
+            # a request without width/height would be refused: say so now rather than on every request
+            logger.error("erasure service refusing to start: the default size %d is not a multiple of %d up to "
+                         "limits.max_size %d; set default_size", size, rt.size_multiple, CONFIG.limits.max_size)
+            raise StartupError(f"default size {size} is outside the size limits (set default_size)")
+        self._openapi: dict[str, t.Any] | None = None
         POLICY["mandatory"] = rt.mandatory
         metrics = _get_metrics()
         for entry in rt.cache.stats():
@@ -136,6 +174,15 @@ class ErasureService:
         """The loaded packs (name, concepts, method, mandatory, scale, pinned sha, repo), limits and defaults."""
         return self.packs_info()
 
+    def openapi(self) -> dict[str, t.Any]:
+        """The OpenAPI document (/docs.json): BentoML's, told with this configuration's limits and packs."""
+        if self._openapi is None:
+            self._openapi = openapi_document(
+                ErasureService.openapi_spec.asdict(), limits=self.config.limits,
+                size_multiple=self.runtime.size_multiple, packs=list(self.runtime.packs),
+                auth=self.config.auth if self.config.auth.enabled else None)
+        return self._openapi
+
     def packs_info(self) -> PacksResponse:
         rt, cfg = self.runtime, self.config
         return PacksResponse(
@@ -177,8 +224,9 @@ class ErasureService:
                                         f"{lim.max_size} (default {size})"))
         if req.num_images > lim.max_images:
             problems.append(("num_images", f"num_images is {req.num_images}; use 1 to {lim.max_images}"))
-        if req.seed + req.num_images - 1 > MAX_SEED:
-            problems.append(("seed", f"seed + num_images - 1 must be at most {MAX_SEED}"))
+        if req.seed > MAX_SEED - lim.max_images + 1:
+            problems.append(("seed", f"seed is {req.seed}; use 0 to {MAX_SEED - lim.max_images + 1} (image i uses "
+                                     "seed + i)"))
         if problems:
             raise _request_error(problems)
         return s
@@ -206,3 +254,10 @@ class ErasureService:
                 "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": s["steps"],
                 "guidance_scale": s["guidance"], "width": s["width"], "height": s["height"],
                 "pack_set_built": built, "seconds": round(seconds, 4)}
+
+
+# Middlewares run in the order added: access control first (a request without a key learns nothing else),
+# then the request guard (methods, Content-Type), then BentoML's request parsing.
+if CONFIG.auth.enabled:
+    ErasureService.add_asgi_middleware(AccessControl, auth=CONFIG.auth, home=CONFIG.home)
+ErasureService.add_asgi_middleware(RequestGuard)
