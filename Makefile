@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup serve test test-slow bench bench-service toy packs clean
+.PHONY: setup browser serve test test-slow bench bench-service toy packs clean
 
 setup: $(STAMP)
 
@@ -21,7 +21,15 @@ $(STAMP): pyproject.toml constraints.txt
 serve: setup
 	$(VENV)/bin/bentoml serve service.service:ErasureService
 
-test: setup
+# The page test drives Debian's chromium (nothing downloads a browser build). Installed here when missing and we are
+# root; otherwise that test fails and says how to install it.
+CHROMIUM := /usr/bin/chromium
+browser:
+	@if [ ! -x $(CHROMIUM) ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; fi
+	@[ -x $(CHROMIUM) ] || echo "warning: $(CHROMIUM) is missing (apt-get install chromium as root): the page test will fail"
+
+test: setup browser
 	$(PY) -m pytest -q
 
 test-slow: setup

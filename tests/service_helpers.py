@@ -3,12 +3,19 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
 
 from factories import make_pack
 
+REPO = Path(__file__).resolve().parents[1]
+BENTOML = str(Path(sys.executable).parent / "bentoml")
 PACKS = {"circle": ("circle",), "red": ("red",), "striped": ("striped",), "square": ("square",)}
 
 
@@ -45,3 +52,27 @@ def commit_dir(lock: Path, name: str) -> Path:
     src = Path(e["source"])
     src = src if src.is_absolute() else Path(lock).parent / src
     return src / e["repo"] / "commits" / e["revision"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def serve(config: Path, home: Path, log: Path, port: int, **env) -> subprocess.Popen:
+    environment = {**os.environ, "ERASURE_SERVICE_CONFIG": str(config), "BENTOML_HOME": str(home),
+                   "BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1", **env}
+    return subprocess.Popen([BENTOML, "serve", "service.service:ErasureService", "--port", str(port),
+                             "--host", "127.0.0.1"], cwd=REPO, env=environment, stdout=open(log, "wb"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)  # our own process group (start_new_session)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -269,3 +269,18 @@ def test_config_environment_overrides(tmp_path):
     default = ServiceConfig.load(env={})
     assert default.base == "toy" and default.packs == "all" and default.mandatory == []
     assert default.resolve_path(default.lock).name == "packs.lock"
+
+
+def test_page_document_and_guard_without_access_control(client):
+    """The embedded default has no access control: the page, the listing and the document answer without a key;
+    the document carries this configuration's limits; a body that is not JSON is a 415, not BentoML's 500."""
+    page = client.get("/")
+    assert page.status_code == 200 and "page/page.js" in page.text
+    doc = client.get("/docs.json").json()
+    request = doc["components"]["schemas"]["GenerateRequest"]["properties"]
+    assert request["steps"]["maximum"] == 30 and request["num_images"]["maximum"] == 4
+    assert request["packs"]["items"]["enum"] == ["circle", "red", "square", "striped"]
+    assert "securitySchemes" not in doc["components"]
+    for route in ("/generate", "/generate_json", "/packs"):
+        r = client.post(route, content=b'{"prompt": "x"}', headers={"content-type": "multipart/form-data"})
+        assert r.status_code == 415, (route, r.text)

@@ -8,10 +8,7 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,36 +16,11 @@ import httpx
 import pytest
 from PIL import Image
 
-from service_helpers import commit_dir, make_world, write_config
+from service_helpers import BENTOML, commit_dir, free_port, make_world, serve, stop, write_config
 
 REPO = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).parent / "bentoml")
 STEPS = 4
 SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(config: Path, home: Path, log: Path, port: int, **env) -> subprocess.Popen:
-    environment = {**os.environ, "ERASURE_SERVICE_CONFIG": str(config), "BENTOML_HOME": str(home),
-                   "BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1", **env}
-    return subprocess.Popen([BENTOML, "serve", "service.service:ErasureService", "--port", str(port),
-                             "--host", "127.0.0.1"], cwd=REPO, env=environment, stdout=open(log, "wb"),
-                            stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)  # our own process group (start_new_session)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @pytest.fixture(scope="session")
@@ -166,7 +138,8 @@ def test_bentoml_build(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     [bento] = [p for p in (tmp_path / "home" / "bentos" / "erasure").iterdir() if p.name != "latest"]
     src = bento / "src"
-    for rel in ("service/service.py", "service/config.yaml", "erasure/pack.py", "registry/lock.py",
+    for rel in ("service/service.py", "service/config.yaml", "service/page/index.html", "service/page/page.js",
+                "erasure/pack.py", "registry/lock.py",
                 "registry/toy-registry/registry.json", "erasure/toy/assets/base/model_index.json",
                 "erasure/toy/assets/base/unet/diffusion_pytorch_model.safetensors"):
         assert (src / rel).is_file(), rel
