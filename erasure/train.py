@@ -76,8 +76,12 @@ def check_toy_concepts(cfg: ESDConfig) -> None:
 
 
 def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, revision: str | None = None,
-               resume: bool = False, eval_samples: int | None = None, progress: bool = True) -> ConceptPack:
-    """Train ``cfg`` on ``base`` and save the pack to ``out`` (checkpointed there, so ``resume`` continues)."""
+               resume: bool = False, eval_samples: int | None = None, progress: bool = True, device: str = "cpu",
+               callback=None, metrics: dict | None = None) -> ConceptPack:
+    """Train ``cfg`` on ``base`` and save the pack to ``out`` (checkpointed there, so ``resume`` continues).
+
+    ``callback(trainer)`` runs after every optimizer step (e.g. to report progress); ``metrics`` are recorded in the
+    manifest beside the training figures (e.g. ``erasure train-many``'s config hash)."""
     out = Path(out)
     checkpoint = out / CHECKPOINT
     if out.exists() and any(out.iterdir()) and not resume:
@@ -89,17 +93,18 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         check_toy_concepts(cfg)
     elif "toy" in cfg.templates:
         raise InvalidArgumentError("--template toy draws toy-world prompts; it needs the toy base (--base toy)")
-    pipe = load_pipeline(base, revision=revision)
-    trainer = ESDTrainer(pipe, cfg, progress=progress)
+    pipe = load_pipeline(base, revision=revision, device=device)
+    trainer = ESDTrainer(pipe, cfg, device=device, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         trainer.load_checkpoint(checkpoint)
-    trainer.train(checkpoint=checkpoint)
+    trainer.train(checkpoint=checkpoint, callback=callback)
     trainer.unet.eval()
 
     dtype = getattr(torch, cfg.delta_dtype)
     delta = {k: v.to(dtype) for k, v in trainer.delta().items()}
     metrics = {
+        **(metrics or {}),
         "final_loss": float(np.mean(trainer.losses[-50:])),
         "train_seconds": round(trainer.train_seconds, 1),
         "unet_sample_passes": trainer.unet_passes,

@@ -1,4 +1,4 @@
-"""``erasure push | pull | list | lock``: the registry commands, added to the ``erasure`` CLI through the
+"""``erasure push | pull | list | lock | train-many``: the registry commands, added to the ``erasure`` CLI through the
 ``erasure.cli`` entry point (pyproject.toml), so erasure/ never imports registry/.
 
 Every command runs against ``--endpoint URL`` (a Hub), ``--registry DIR`` (a local registry), else ``HF_ENDPOINT``
@@ -93,6 +93,43 @@ def cmd_lock(args) -> None:
     print(f"wrote {lock.save()}")
 
 
+def cmd_train_many(args) -> None:
+    from .catalogue import Catalogue
+    from .errors import TrainManyError
+    from .train_many import RegistryAddress, require_ray, train_many
+
+    require_ray()  # before any work: say what to install
+    catalogue = Catalogue.load(args.catalogue)
+    where = RegistryAddress.resolve(args.endpoint, args.registry)
+    lock = None
+    if args.lock:
+        from .lock import LockFile
+
+        lock = LockFile.load(args.lock, missing_ok=True)  # a malformed lock fails before any training
+    result = train_many(catalogue, where, work_dir=args.work, ray_address=args.ray, num_cpus=args.num_cpus,
+                        cpus_per_pack=args.cpus_per_pack, gpus_per_pack=args.gpus_per_pack)
+    counts = {s: len(result.by_status(s)) for s in ("published", "skipped", "failed")}
+    print(f"train-many {args.catalogue}: {counts['published']} published, {counts['skipped']} already published "
+          f"with the same config, {counts['failed']} failed, in {result.seconds:.0f} s")
+    for o in result.outcomes:
+        line = f"  {o.name}: {o.status}"
+        if o.status == "failed":
+            line += f": {o.error}"
+        else:
+            line += f" {o.target} {o.commit_sha}" + (f" ({o.figures})" if o.figures else "")
+        print(line)
+    if result.failed:
+        raise TrainManyError(f"{len(result.failed)} of {len(result.outcomes)} packs failed: "
+                             f"{', '.join(o.name for o in result.failed)} (each with its error above)"
+                             + (f"; {args.lock} not written" if lock is not None else ""))
+    if lock is not None:
+        reg = where.open()
+        for o in result.outcomes:
+            repo = o.target.rpartition("@")[0]
+            lock.add(o.name, reg.pull(repo, o.commit_sha), reg.source)  # verified again on the way in
+        print(f"wrote {lock.save()}")
+
+
 def add_commands(sub, parser_class) -> None:
     def add_where(p):
         g = p.add_mutually_exclusive_group()
@@ -131,3 +168,23 @@ def add_commands(sub, parser_class) -> None:
     p.add_argument("--base", default=None, help="refuse packs that do not fit this base")
     add_where(p)
     p.set_defaults(func=cmd_lock)
+
+    p = sub.add_parser("train-many", help="train a catalogue of packs as Ray tasks; publish each that passes its check",
+                       description="Train every pack of a catalogue (registry/catalogue.py describes the YAML) as "
+                                   "one Ray task each, and publish each pack that passes its quick erasure check. "
+                                   "Packs already published with the same config are skipped; one failed pack "
+                                   "does not stop the others. Needs Ray: pip install 'erasure[ray]'.")
+    p.add_argument("catalogue", metavar="CATALOGUE.yaml", help="e.g. registry/catalogues/toy.yaml")
+    p.add_argument("--ray", default=None, metavar="ADDRESS",
+                   help="a running Ray cluster (e.g. auto, ray://head:10001); default: start a local one")
+    p.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray (default: all of them)")
+    p.add_argument("--cpus-per-pack", type=float, default=1, help="CPUs each pack's task takes (default 1)")
+    p.add_argument("--gpus-per-pack", type=float, default=None,
+                   help="GPUs each pack's task takes; default: 1 when the cluster has GPUs (trains on cuda), else 0")
+    p.add_argument("--work", default="build/train-many", metavar="DIR",
+                   help="where each pack trains and checkpoints, in DIR/NAME; a rerun resumes there "
+                        "(default build/train-many)")
+    p.add_argument("--lock", default=None, metavar="FILE",
+                   help="when every pack is published, lock them all in this file (e.g. service/packs.lock)")
+    add_where(p)
+    p.set_defaults(func=cmd_train_many)

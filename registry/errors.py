@@ -27,3 +27,15 @@ class PushError(RegistryError):
 
 class AccessDeniedError(PushError):
     """The registry refused the credentials (HTTP 401/403): no token, a wrong token, or no write access."""
+
+
+class QuickCheckError(RegistryError):
+    """A freshly trained pack failed its quick erasure check, so it was not published."""
+
+
+class TrainManyError(RegistryError):
+    """Some packs of a catalogue failed (each with its own error); the others were trained and published."""
+
+
+class MissingExtraError(RegistryError):
+    """A command needs an optional dependency that is not installed (the message says what to install)."""

@@ -34,8 +34,9 @@ from erasure.pack import MANIFEST, PACK_FILES, ConceptPack
 from .errors import (AccessDeniedError, PackNotFoundError, PushError, RegistryError, RevisionNotFoundError,
                      VerificationError)
 from .refs import SHA_RE, check_namespace, check_repo_id, check_tag
-from .types import PackInfo, PulledPack, PushResult
-from .verify import GITATTRIBUTES, push_message, RemoteFile, check_listing, finish_pull, git_blob_sha1, manifest_summary
+from .types import PackInfo, PublishedManifest, PulledPack, PushResult
+from .verify import (GITATTRIBUTES, RemoteFile, check_listing, finish_pull, git_blob_sha1, manifest_summary,
+                     push_message, read_published_manifest)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 
@@ -206,6 +207,30 @@ class HubRegistry:
         except VerificationError:
             self._evict(snapshot.name)  # a refused file must not be served from the cache next time
             raise
+
+    def read_manifest(self, repo: str, revision: str = "main") -> PublishedManifest:
+        """The manifest of ``repo`` at ``revision`` (one small download, checked against the commit's tree; no
+        weights). Offline: from the HF cache."""
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.hf_api import RepoFile
+
+        check_repo_id(repo)
+        if _offline():
+            snapshot = self._cached_snapshot(repo, revision)
+            return read_published_manifest(repo, snapshot.name, snapshot / MANIFEST, None,
+                                           f"the HF cache {self._cache_root()}")
+        sha = self.resolve(repo, revision)
+        with self._errors(repo, sha):
+            infos = [f for f in self.api.get_paths_info(repo, [MANIFEST], revision=sha) if isinstance(f, RepoFile)]
+            if not infos:
+                raise VerificationError(f"{repo}@{sha[:12]} at {self.endpoint} has no {MANIFEST}; it is not a "
+                                        "concept pack")
+            path = Path(hf_hub_download(repo, MANIFEST, revision=sha, endpoint=self.endpoint,
+                                        cache_dir=self.cache_dir, token=self.token))
+        info = infos[0]
+        remote = RemoteFile(size=info.size, sha256=info.lfs.sha256 if info.lfs else None,
+                            git_oid=None if info.lfs else info.blob_id)
+        return read_published_manifest(repo, sha, path, remote, self.endpoint)
 
     def _evict(self, sha: str) -> None:
         from huggingface_hub import scan_cache_dir

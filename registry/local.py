@@ -35,8 +35,9 @@ from erasure.pack import MANIFEST, PACK_FILES, ConceptPack
 
 from .errors import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError
 from .refs import SHA_RE, check_namespace, check_repo_id, check_tag
-from .types import PackInfo, PulledPack, PushResult
-from .verify import RemoteFile, check_listing, finish_pull, manifest_summary, push_message
+from .types import PackInfo, PublishedManifest, PulledPack, PushResult
+from .verify import (RemoteFile, check_listing, finish_pull, manifest_summary, push_message,
+                     read_published_manifest)
 
 MARKER = "registry.json"
 FORMAT = {"format": "erasure-registry", "version": 1}
@@ -196,6 +197,14 @@ class LocalRegistry:
         check_listing(repo, sha, set(present) | set(record["files"]), where)
         remote = {name: RemoteFile(size=None, sha256=digest) for name, digest in record["files"].items()}
         return finish_pull(repo, sha, snapshot, remote, where, to, base, expected_files)
+
+    def read_manifest(self, repo: str, revision: str = "main") -> PublishedManifest:
+        """The manifest of ``repo`` at ``revision``, checked against the commit record (no weights are read)."""
+        sha = self.resolve(repo, revision)
+        repo_dir = self._repo_dir(repo)
+        digest = self._commit(repo_dir, sha)["files"].get(MANIFEST)
+        return read_published_manifest(repo, sha, repo_dir / "commits" / sha / MANIFEST,
+                                       RemoteFile(size=None, sha256=digest), f"the local registry {self.root}")
 
     def list(self, namespace: str) -> list[PackInfo]:
         check_namespace(namespace)

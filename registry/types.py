@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from erasure.pack import BaseWeights, ConceptPack
+    from erasure.pack import BaseWeights, ConceptPack, Manifest
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,6 +27,16 @@ class PulledPack:
     path: Path  # the verified files (a copy in ``to``, else the cache / registry directory: read only)
     files: dict[str, str]  # file name -> sha256
     pack: "ConceptPack"
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishedManifest:
+    """A published pack's manifest, read without its weights and checked against the registry's record of the
+    file (e.g. to see which config trained what a tag names)."""
+
+    repo: str
+    commit_sha: str  # 40 hex: what REV resolved to
+    manifest: "Manifest"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,5 +63,7 @@ class Registry(Protocol):
 
     def pull(self, repo: str, revision: str = "main", to: Path | None = None, base: "BaseWeights | None" = None,
              expected_files: dict[str, str] | None = None) -> PulledPack: ...
+
+    def read_manifest(self, repo: str, revision: str = "main") -> PublishedManifest: ...
 
     def list(self, namespace: str) -> list[PackInfo]: ...

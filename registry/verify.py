@@ -24,10 +24,10 @@ from pathlib import Path
 
 from erasure.errors import InvalidArgumentError, PackIntegrityError
 from erasure.files import sha256_file
-from erasure.pack import PACK_FILES, UNSAFE_SUFFIXES, ConceptPack, Manifest
+from erasure.pack import MANIFEST, PACK_FILES, UNSAFE_SUFFIXES, ConceptPack, Manifest
 
 from .errors import VerificationError
-from .types import PulledPack
+from .types import PublishedManifest, PulledPack
 
 GITATTRIBUTES = ".gitattributes"
 
@@ -147,6 +147,24 @@ def finish_pull(repo: str, sha: str, snapshot: Path, remote: dict[str, RemoteFil
     path = place(snapshot, to, files) if to is not None else snapshot
     pack.path = path
     return PulledPack(repo=repo, commit_sha=sha, path=path, files=files, pack=pack)
+
+
+def read_published_manifest(repo: str, sha: str, path: Path, remote: RemoteFile | None,
+                            where: str) -> PublishedManifest:
+    """The manifest file of commit ``sha``, checked against what the registry records for it (``remote``)."""
+    label = f"{repo}@{sha[:12]} at {where}"
+    if not path.is_file():
+        raise VerificationError(f"{label} has no {MANIFEST}; it is not a concept pack")
+    if remote is not None:
+        if remote.sha256 is not None and sha256_file(path) != remote.sha256:
+            raise VerificationError(f"{label}: sha256 of {MANIFEST} does not match the registry's record; refused")
+        if remote.git_oid is not None and git_blob_sha1(path) != remote.git_oid:
+            raise VerificationError(f"{label}: {MANIFEST} does not match its git blob id; refused")
+    try:
+        manifest = Manifest.from_json(path.read_text())
+    except ValueError as exc:
+        raise VerificationError(f"{label}: {MANIFEST} is not a valid manifest: {str(exc).splitlines()[0]}") from None
+    return PublishedManifest(repo=repo, commit_sha=sha, manifest=manifest)
 
 
 def manifest_summary(path: Path) -> dict:
