@@ -156,8 +156,8 @@ def _field_error(exc: ValidationError, prefix: str = "") -> str:
         known = list(ESDConfig.model_fields) if prefix == "options." else []
         close = difflib.get_close_matches(str(first["loc"][-1]), known, n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        what = "ESDConfig field (`erasure train --help` lists them)" if prefix == "options." else "catalogue field"
-        return f"{field}: unknown option, not an {what}{hint}"
+        what = "an ESDConfig field (`erasure train --help` lists them)" if prefix == "options." else "a catalogue field"
+        return f"{field}: unknown option, not {what}{hint}"
     msg = first["msg"].removeprefix("Value error, ")
     return f"{field}: {msg}" if field else msg
 

@@ -67,8 +67,8 @@ class LocalRegistry:
 
     def _check_root(self) -> None:
         if not (self.root / MARKER).is_file():
-            if self.root.is_dir() and not any(self.root.iterdir()):
-                return  # an empty directory is an empty registry
+            if not self.root.exists() or (self.root.is_dir() and not any(self.root.iterdir())):
+                return  # a missing or empty directory is an empty registry (a push creates it)
             raise RegistryError(f"{self.root} is not a local pack registry (no {MARKER}); give --registry a registry "
                                 "directory, or a new one to create it with `erasure push`")
 

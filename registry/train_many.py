@@ -262,8 +262,6 @@ def train_many(catalogue: Catalogue, where: RegistryAddress, *, work_dir: str | 
     order = [job.name for job in catalogue.jobs] + [e.name for e in catalogue.errors]
     outcomes: dict[str, PackOutcome] = {e.name: PackOutcome(e.name, "?", "failed", error=e.message)
                                         for e in catalogue.errors}
-    if where.registry_dir is not None:
-        Path(where.registry_dir).mkdir(parents=True, exist_ok=True)  # an empty directory is an empty registry
     registry = where.open()
     todo: list[PackJob] = []
     for job in catalogue.jobs:
@@ -312,6 +310,8 @@ def train_many(catalogue: Catalogue, where: RegistryAddress, *, work_dir: str | 
                             console.print(f"{o.name}: {o.status} {o.error or (o.commit_sha or '')[:12]}")
                     rows = ray.get(board.snapshot.remote())
                     live.update(_table(outcomes, rows, order, time.perf_counter() - start, console.width))
+            if not console.is_terminal:
+                console.line()  # Live leaves its last render without a newline off a terminal
         else:
             console.print(_table(outcomes, {}, order, time.perf_counter() - start, console.width))
     finally:

@@ -103,6 +103,8 @@ class PacksResponse(BaseModel):
     base: str
     device: str
     dtype: str
+    worker: int | None = Field(None, description="the BentoML worker process that answered (1..workers; null when "
+                               "not served by `bentoml serve`): with workers > 1, each loads its own copy of the packs")
     packs: list[PackInfo]
     mandatory: list[str]
     defaults: dict[str, float | int]

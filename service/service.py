@@ -138,7 +138,7 @@ class ErasureService:
     @bentoml.api(input_spec=GenerateRequest)
     def generate(self, ctx: bentoml.Context, **fields: t.Any) -> Image.Image:
         """One PNG (num_images > 1: the images side by side in one PNG, image i from seed + i). Headers:
-        X-Erasure-Packs, X-Erasure-Pack-Shas, X-Erasure-Seed, X-Erasure-Seeds, X-Erasure-Mandatory."""
+        X-Erasure-Packs, X-Erasure-Pack-Shas, X-Erasure-Seed, X-Erasure-Seeds, X-Erasure-Mandatory, X-Erasure-Worker."""
         result = self._generate(GenerateRequest.model_construct(**fields))
         images = result.pop("pil")
         ctx.response.headers.update({
@@ -148,6 +148,7 @@ class ErasureService:
             "X-Erasure-Seeds": ",".join(map(str, result["seeds"])),
             "X-Erasure-Mandatory": ",".join(result["mandatory"]),
             "X-Erasure-Pack-Set-Built": str(result["pack_set_built"]).lower(),
+            "X-Erasure-Worker": str(bentoml.server_context.worker_index or ""),
         })
         if len(images) == 1:
             return images[0]
@@ -186,7 +187,8 @@ class ErasureService:
     def packs_info(self) -> PacksResponse:
         rt, cfg = self.runtime, self.config
         return PacksResponse(
-            base=cfg.base, device=rt.device, dtype=cfg.dtype, mandatory=list(rt.mandatory),
+            base=cfg.base, device=rt.device, dtype=cfg.dtype, worker=bentoml.server_context.worker_index,
+            mandatory=list(rt.mandatory),
             packs=[p.info() for p in rt.packs.values()],
             defaults={"steps": cfg.default_steps, "guidance_scale": cfg.default_guidance,
                       "width": cfg.default_size or rt.native_size, "height": cfg.default_size or rt.native_size},
