@@ -98,7 +98,7 @@ def cmd_train_many(args) -> None:
     from .errors import TrainManyError
     from .train_many import RegistryAddress, require_ray, train_many
 
-    require_ray()  # before any work: say what to install
+    require_ray(local=args.ray is None)  # before any work: say what to install
     catalogue = Catalogue.load(args.catalogue)
     where = RegistryAddress.resolve(args.endpoint, args.registry)
     lock = None

@@ -39,3 +39,7 @@ class TrainManyError(RegistryError):
 
 class MissingExtraError(RegistryError):
     """A command needs an optional dependency that is not installed (the message says what to install)."""
+
+
+class ClusterError(RegistryError):
+    """The Ray cluster could not be reached (``--ray ADDRESS``) or a local one could not be started."""

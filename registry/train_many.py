@@ -24,13 +24,14 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
 from erasure.errors import ErasureError
 
 from .catalogue import HASH_METRIC, Catalogue, PackJob, manifest_config_hash, published_with_same_config
-from .errors import MissingExtraError, QuickCheckError
+from .errors import ClusterError, MissingExtraError, QuickCheckError
 
 STATUSES = ("queued", "loading", "training", "checking", "publishing", "published", "skipped", "failed")
 
@@ -90,8 +91,16 @@ class TrainManyResult:
         return self.by_status("failed")
 
 
-def require_ray():
-    """The ``ray`` module, or a one-line error saying what to install."""
+# Ray reads this once, at import: "0" keeps a local Ray on 127.0.0.1 (its node address, every server it starts)
+# instead of the machine's network address. Set before the first import; a cluster (--ray ADDRESS) does not use it.
+LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+def require_ray(local: bool = True):
+    """The ``ray`` module, or a one-line error saying what to install. ``local``: a local Ray will be started here,
+    on the loopback interface only."""
+    if local and "ray" not in sys.modules:
+        os.environ.setdefault(*LOOPBACK_ONLY)
     try:
         import ray
     except ImportError:
@@ -256,7 +265,7 @@ def train_many(catalogue: Catalogue, where: RegistryAddress, *, work_dir: str | 
     from rich.console import Console
     from rich.live import Live
 
-    ray = require_ray()
+    ray = require_ray(local=ray_address is None)
     console = console or Console(stderr=True)
     start = time.perf_counter()
     order = [job.name for job in catalogue.jobs] + [e.name for e in catalogue.errors]
@@ -281,7 +290,11 @@ def train_many(catalogue: Catalogue, where: RegistryAddress, *, work_dir: str | 
         if todo:
             if not ray.is_initialized():
                 kwargs = {"address": ray_address} if ray_address else {"num_cpus": num_cpus, "include_dashboard": False}
-                ray.init(**kwargs, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+                try:
+                    ray.init(**kwargs, log_to_driver=False, logging_level="ERROR", configure_logging=True)
+                except Exception as exc:  # ConnectionError, a bad address, a local start-up failure
+                    where_ray = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray"
+                    raise ClusterError(f"cannot start or reach {where_ray}: {_error_text(exc)}") from None
                 started = True
             has_gpu = ray.cluster_resources().get("GPU", 0) > 0
             gpus = (1 if has_gpu else 0) if gpus_per_pack is None else gpus_per_pack

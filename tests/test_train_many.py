@@ -18,7 +18,9 @@ SMALL = {"templates": ["toy"], "iterations": 3, "ddim_steps": 4, "pool_trajector
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
+    from registry.train_many import require_ray
+
+    ray = require_ray(local=True)  # on 127.0.0.1 only, as `erasure train-many` starts it
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray
