@@ -96,6 +96,23 @@ class TrainManyResult:
 LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskResources:
+    """What each pack's Ray task asks for and where it trains."""
+
+    num_cpus: float
+    num_gpus: float
+    device: str  # 'cuda' when the task holds a GPU
+    threads: int | None  # torch threads on the CPU (None on a GPU: torch's default)
+
+    @classmethod
+    def for_cluster(cls, cluster: dict, cpus_per_pack: float = 1, gpus_per_pack: float | None = None):
+        """One GPU per pack when the cluster has GPUs (``gpus_per_pack`` overrides), else CPUs only."""
+        gpus = (1 if cluster.get("GPU", 0) > 0 else 0) if gpus_per_pack is None else gpus_per_pack
+        return cls(num_cpus=cpus_per_pack, num_gpus=gpus, device="cuda" if gpus > 0 else "cpu",
+                   threads=None if gpus > 0 else max(1, int(cpus_per_pack)))
+
+
 def require_ray(local: bool = True):
     """The ``ray`` module, or a one-line error saying what to install. ``local``: a local Ray will be started here,
     on the loopback interface only."""
@@ -296,11 +313,9 @@ def train_many(catalogue: Catalogue, where: RegistryAddress, *, work_dir: str | 
                     where_ray = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray"
                     raise ClusterError(f"cannot start or reach {where_ray}: {_error_text(exc)}") from None
                 started = True
-            has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-            gpus = (1 if has_gpu else 0) if gpus_per_pack is None else gpus_per_pack
-            device = "cuda" if gpus > 0 else "cpu"
-            threads = None if gpus > 0 else max(1, int(cpus_per_pack))
-            task = ray.remote(train_and_publish).options(num_cpus=cpus_per_pack, num_gpus=gpus,
+            res = TaskResources.for_cluster(ray.cluster_resources(), cpus_per_pack, gpus_per_pack)
+            device, threads = res.device, res.threads
+            task = ray.remote(train_and_publish).options(num_cpus=res.num_cpus, num_gpus=res.num_gpus,
                                                          max_retries=max_retries, retry_exceptions=False)
             board = ray.remote(ProgressBoard).options(num_cpus=0).remote()
             work = str(Path(work_dir).expanduser().absolute())

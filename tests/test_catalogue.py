@@ -202,3 +202,14 @@ def test_train_many_cli_refuses_a_broken_catalogue(tmp_path, capsys):
     assert main(["train-many", str(bad)]) == 1
     assert capsys.readouterr().err == f"erasure: error: catalogue {bad}: bse: unknown option, not a catalogue " \
                                       "field\n"
+
+
+def test_task_resources_follow_the_cluster():
+    from registry.train_many import TaskResources
+
+    cpu = TaskResources.for_cluster({"CPU": 2.0})
+    assert (cpu.num_cpus, cpu.num_gpus, cpu.device, cpu.threads) == (1, 0, "cpu", 1)
+    gpu = TaskResources.for_cluster({"CPU": 64.0, "GPU": 8.0}, cpus_per_pack=4)
+    assert (gpu.num_cpus, gpu.num_gpus, gpu.device, gpu.threads) == (4, 1, "cuda", None)
+    assert TaskResources.for_cluster({"CPU": 64.0, "GPU": 8.0}, gpus_per_pack=0).device == "cpu"
+    assert TaskResources.for_cluster({"CPU": 64.0, "GPU": 8.0}, gpus_per_pack=0.5).num_gpus == 0.5
