@@ -15,8 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from service_helpers import make_world, write_config
-from test_service_server import free_port, serve, stop
+from service_helpers import free_port, make_world, serve, stop, write_config
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "kubernetes"
