@@ -45,6 +45,12 @@ def test_kubernetes_manifests_validate_against_the_api_schemas():
     [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == "/etc/erasure"]
     [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert volume["configMap"]["name"] == "erasure-config"
+    # the API keys the config names come from a Secret mounted where the config looks
+    from service.config import ServiceConfig
+
+    keys = Path(ServiceConfig.load(K8S / "config.yaml", env={}).auth.keys_file)
+    [keys_mount] = [m for m in container["volumeMounts"] if keys.parent == Path(m["mountPath"])]
+    assert [v for v in pod["volumes"] if v["name"] == keys_mount["name"]][0]["secret"]["secretName"]
     labels = kinds["Deployment"]["spec"]["template"]["metadata"]["labels"]
     assert kinds["Service"]["spec"]["selector"] == labels == kinds["Deployment"]["spec"]["selector"]["matchLabels"]
     hpa = kinds["HorizontalPodAutoscaler"]["spec"]
@@ -66,7 +72,7 @@ def test_the_configmap_carries_the_service_lock_and_a_valid_config():
 
     assert (K8S / "packs.lock").read_bytes() == (REPO / "service" / "packs.lock").read_bytes()
     cfg = ServiceConfig.load(K8S / "config.yaml", env={})
-    assert cfg.device == "cuda" and cfg.resolve_path(cfg.lock) == K8S / "packs.lock"
+    assert cfg.device == "cuda" and cfg.resolve_path(cfg.lock) == K8S / "packs.lock" and cfg.auth.enabled
     assert sorted(LockFile.load(K8S / "packs.lock").entries) == ["circle", "red", "square", "striped"]
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert kustomization["resources"] == list(RESOURCES)
