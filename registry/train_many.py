@@ -91,9 +91,11 @@ class TrainManyResult:
         return self.by_status("failed")
 
 
-# Ray reads this once, at import: "0" keeps a local Ray on 127.0.0.1 (its node address, every server it starts)
-# instead of the machine's network address. Set before the first import; a cluster (--ray ADDRESS) does not use it.
-LOOPBACK_ONLY = ("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# Set before a local Ray starts (a cluster, --ray ADDRESS, has its own): Ray reads the first at import, "0" keeps
+# it on 127.0.0.1 (its node address, every server it starts) instead of the machine's network address; the second
+# runs its workers at the driver's priority instead of Ray's default nice 15, which on a shared machine hands the
+# CPU to every other process while the packs train.
+LOCAL_RAY_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_worker_niceness": "0"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +119,8 @@ def require_ray(local: bool = True):
     """The ``ray`` module, or a one-line error saying what to install. ``local``: a local Ray will be started here,
     on the loopback interface only."""
     if local and "ray" not in sys.modules:
-        os.environ.setdefault(*LOOPBACK_ONLY)
+        for key, value in LOCAL_RAY_ENV.items():
+            os.environ.setdefault(key, value)
     try:
         import ray
     except ImportError:

@@ -3,6 +3,7 @@ parallel, publish, fail alone, skip on a rerun, resume from the work directory a
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,9 @@ def ray_local():
     ray = require_ray(local=True)  # on 127.0.0.1 only, as `erasure train-many` starts it
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    # its workers run at the driver's priority (Ray's default is nice 15) and it listens on loopback only
+    assert ray.get(ray.remote(lambda: os.nice(0)).remote()) == os.nice(0)
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
     yield ray
     ray.shutdown()
 
