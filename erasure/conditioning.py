@@ -5,10 +5,22 @@ through a ``Conditioner``, so what is trained, attacked and served is the same c
 the UNet keyword arguments for a batch of prompts with the batch as first dimension of every tensor, so rows of
 different requests concatenate into one UNet call.
 
+Families (``pipeline_family``):
+
+* ``sd``: SD 1.x / 2.x (``StableDiffusionPipeline``): one CLIP text encoder's last hidden states; the
+  unconditional branch is the empty prompt's embedding. SD 2.x v-prediction conditions the same way.
+* ``sdxl``: SDXL (``StableDiffusionXLPipeline``): the penultimate hidden states of both text encoders,
+  concatenated; ``added_cond_kwargs`` = {``text_embeds``: the second encoder's pooled projection, ``time_ids``:
+  (original h, w, crop top, left, target h, w)}, which depend on the image size. With
+  ``force_zeros_for_empty_prompt`` (SDXL's default) the unconditional branch is **zeros**, not encode("").
+
+The empty prompt always means "no prompt": ``encode([""])`` is the family's unconditional branch, exactly what
+the pipeline's classifier-free guidance uses when no negative prompt is given.
+
 Example:
     >>> cond = conditioner_for(pipe)
-    >>> c = cond.encode(["a red circle", "a blue star"])
-    >>> u = cond.unconditional(2)                  # exactly what the pipeline's guidance uses for no prompt
+    >>> c = cond.encode(["a red circle", "a blue star"], size=1024)
+    >>> u = cond.unconditional(2, size=1024)
     >>> eps = pipe.unet(x, t, **Conditioning.cat([u, c]).unet_kwargs()).sample
 """
 
@@ -18,6 +30,11 @@ import dataclasses
 from collections.abc import Sequence
 
 import torch
+
+from .errors import UnsupportedBaseError
+from .pipeline import default_size
+
+FAMILIES = {"sd": "SD 1.x / 2.x (StableDiffusionPipeline)", "sdxl": "SDXL (StableDiffusionXLPipeline)"}
 
 
 @dataclasses.dataclass
@@ -58,6 +75,12 @@ class Conditioning:
         return Conditioning(torch.cat([p.encoder_hidden_states for p in parts]), added)
 
 
+def _size(size: int | tuple[int, int] | None, default: int) -> tuple[int, int]:
+    if size is None:
+        return default, default
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
 class Conditioner:
     """SD 1.x / 2.x: one CLIP text encoder; the unconditional branch is the empty prompt's embedding."""
 
@@ -66,6 +89,7 @@ class Conditioner:
     def __init__(self, pipe, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         self.pipe, self.device, self.dtype = pipe, torch.device(device), dtype
         self.prediction_type = pipe.scheduler.config.get("prediction_type", "epsilon")
+        self.default_size = default_size(pipe)
         self._cache: dict[str, Conditioning] = {}
 
     @torch.no_grad()
@@ -73,18 +97,77 @@ class Conditioner:
         emb, _ = self.pipe.encode_prompt(prompt, self.device, 1, do_classifier_free_guidance=False)
         return Conditioning(emb.to(self.dtype))
 
-    def encode(self, prompts: Sequence[str]) -> Conditioning:
-        """One row per prompt; each distinct prompt is encoded once and cached."""
+    def _rows(self, prompts: Sequence[str]) -> list[Conditioning]:
         for p in prompts:
             if p not in self._cache:
                 self._cache[p] = self._encode_one(p)
-        return Conditioning.cat([self._cache[p] for p in prompts])
+        return [self._cache[p] for p in prompts]
 
-    def unconditional(self, n: int) -> Conditioning:
+    def encode(self, prompts: Sequence[str], size: int | tuple[int, int] | None = None) -> Conditioning:
+        """One row per prompt for images of ``size`` pixels (int or (height, width); default: the pipeline's);
+        each distinct prompt is encoded once and cached. The empty prompt is the unconditional branch."""
+        return Conditioning.cat(self._rows(prompts))
+
+    def unconditional(self, n: int, size: int | tuple[int, int] | None = None) -> Conditioning:
         """What the pipeline's classifier-free guidance uses when no negative prompt is given, ``n`` rows."""
-        return self.encode([""]).repeat(n)
+        return self.encode([""], size).repeat(n)
+
+
+class SDXLConditioner(Conditioner):
+    """SDXL: two text encoders (penultimate hidden states concatenated), the second encoder's pooled projection
+    and the size-dependent time ids as ``added_cond_kwargs``; zeros as the unconditional branch when the pipeline
+    has ``force_zeros_for_empty_prompt``."""
+
+    family = "sdxl"
+
+    @torch.no_grad()
+    def _encode_one(self, prompt: str) -> Conditioning:
+        if prompt == "" and self.pipe.config.get("force_zeros_for_empty_prompt", True):
+            text = self._encode_one("a")  # any prompt: only its shapes are used
+            return Conditioning(torch.zeros_like(text.encoder_hidden_states),
+                                {"text_embeds": torch.zeros_like(text.added_cond_kwargs["text_embeds"])})
+        emb, _, pooled, _ = self.pipe.encode_prompt(prompt, device=self.device, num_images_per_prompt=1,
+                                                    do_classifier_free_guidance=False)
+        return Conditioning(emb.to(self.dtype), {"text_embeds": pooled.to(self.dtype)})
+
+    def time_ids(self, n: int, size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """(original h, w, crop top, left, target h, w) as the pipeline sets them by default, ``n`` rows."""
+        h, w = _size(size, self.default_size)
+        return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device).repeat(n, 1)
+
+    def encode(self, prompts: Sequence[str], size: int | tuple[int, int] | None = None) -> Conditioning:
+        rows = Conditioning.cat(self._rows(prompts))
+        added = {**rows.added_cond_kwargs, "time_ids": self.time_ids(len(rows), size)}
+        return Conditioning(rows.encoder_hidden_states, added)
+
+
+def unet_family(unet) -> str:
+    """``sdxl`` for a UNet with SDXL's ``text_time`` added conditioning, else ``sd``."""
+    return "sdxl" if unet.config.get("addition_embed_type") == "text_time" else "sd"
+
+
+def pipeline_family(pipe) -> str:
+    """The family of ``pipe`` (a key of FAMILIES), or UnsupportedBaseError naming the supported ones."""
+    from diffusers import UNet2DConditionModel
+
+    supported = "; supported: " + ", ".join(FAMILIES.values())
+    unet = getattr(pipe, "unet", None)
+    name = type(pipe).__name__
+    if not isinstance(unet, UNet2DConditionModel):
+        what = "a transformer" if getattr(pipe, "transformer", None) is not None else "no UNet2DConditionModel"
+        raise UnsupportedBaseError(f"{name} has {what}, not a Stable Diffusion UNet{supported}")
+    family = unet_family(unet)
+    encoders = [getattr(pipe, n, None) is not None for n in ("text_encoder", "text_encoder_2")]
+    if family == "sd" and unet.config.get("addition_embed_type") is None and encoders == [True, False]:
+        return "sd"
+    if family == "sdxl" and encoders == [True, True] and hasattr(pipe, "_get_add_time_ids") \
+            and not pipe.config.get("requires_aesthetics_score", False):
+        return "sdxl"
+    raise UnsupportedBaseError(f"{name} (UNet added conditioning {unet.config.get('addition_embed_type')!r}, "
+                               f"text encoders {sum(encoders)}) is not a supported text-to-image layout{supported}")
 
 
 def conditioner_for(pipe, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Conditioner:
-    """The conditioner of ``pipe``'s family."""
-    return Conditioner(pipe, device, dtype)
+    """The conditioner of ``pipe``'s family (UnsupportedBaseError for other pipelines)."""
+    cls = SDXLConditioner if pipeline_family(pipe) == "sdxl" else Conditioner
+    return cls(pipe, device, dtype)

@@ -9,6 +9,10 @@ class BaseNotFoundError(ErasureError):
     """``--base`` names neither the toy model, a local pipeline directory, nor a reachable Hub repository."""
 
 
+class UnsupportedBaseError(ErasureError):
+    """The base pipeline loads but is not of a family erasure trains and serves (see erasure.conditioning)."""
+
+
 class InvalidArgumentError(ErasureError, ValueError):
     """A value given by the user is out of range or malformed."""
 
