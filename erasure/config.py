@@ -46,6 +46,11 @@ class ESDConfig(BaseModel):
     erase_from: str | None = Field(None, description="train eps(x_t, ERASE_FROM) towards the concept's target")
     guidance: float = Field(3.0, description="classifier-free guidance while sampling x_t (paper: 3)")
     ddim_steps: int = Field(50, gt=1, description="DDIM steps of the x_t sampler; x_t stops at a uniform step")
+    resolution: int | None = Field(
+        None, gt=0, description="image size in pixels x_t is sampled at; SDXL's time ids say the same size "
+        "(default: the base's native size: 512 for SD 1.5, 768 for SD 2.1-v, 1024 for SDXL)")
+    gradient_checkpointing: bool = Field(
+        False, description="recompute the trained UNet's activations in the backward pass: less memory, more time")
     seed: int = Field(0, description="seeds the sampler noise, prompts and pool draws")
     loop: Literal["pooled", "reference"] = Field(
         "pooled", description="pooled: reuse sampled trajectories; reference: the official per-iteration loop")

@@ -25,7 +25,25 @@ eps(x, "") too, which cancels part of the erasure and shifts every other prompt.
 eps*(x_t, c0) ~ eps*(x_t, c), and the negative guidance has nothing to push against.
 
 x_t comes from DDIM sampling conditioned on c with guidance, stopped at a uniformly drawn step, using the trained
-UNet (paper) or the frozen one (official script). Two loops produce x_t:
+UNet (paper) or the frozen one (official script), at ``resolution`` pixels (default: the base's native size).
+
+Every UNet pass is conditioned through the pipeline family's ``Conditioner`` (erasure/conditioning.py), so SD 1.x,
+SD 2.x and SDXL share this trainer: for SDXL the prompts carry pooled text embeddings and time ids, and c0 = "" is
+SDXL's unconditional branch (zeros with ``force_zeros_for_empty_prompt``), the one its sampler guides with.
+
+v-prediction (SD 2.x): with x_t = a x0 + s eps (a^2 + s^2 = 1) the UNet predicts v = a eps - s x0 = eps / a - (s/a)
+x_t, which for a fixed (x_t, t) is affine in eps with the same offset for every prompt. The target's weights
+(1 + eta and -eta) sum to 1, so the target written on v-predictions is exactly the v of the eps-space target; the
+loss on v is the eps-space loss times 1/a^2. Each term is weighted by a^2 (alphas_cumprod[t]) so the objective
+is the paper's, in eps-space, whatever the base predicts; the sampler uses the raw predictions as its scheduler
+expects.
+
+Memory: the frozen base shares every untouched tensor with the trained UNet (one UNet copy; memory grows by the
+touched tensors), Adam holds state for the trained tensors only, ``gradient_checkpointing`` recomputes activations
+in the backward pass, and a base loaded in half precision (bfloat16) keeps its untouched tensors there while the
+trained ones train as float32 masters under autocast.
+
+Two loops produce x_t:
 
 * ``reference``: the official per-iteration algorithm: a fresh x_t every iteration (up to ``ddim_steps`` guided
   UNet passes), then 3 UNet passes and 1 backward. Sampling dominates the cost.
@@ -52,64 +70,109 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .conditioning import Conditioning, conditioner_for, pipeline_family
 from .config import ESDConfig
 from .errors import InvalidArgumentError
 from .files import atomic_path
 from .methods import select_parameters
 
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
-def check_supported(pipe) -> None:
-    from diffusers import UNet2DConditionModel
 
-    if not isinstance(getattr(pipe, "unet", None), UNet2DConditionModel):
-        raise InvalidArgumentError("ESD needs a pipeline with a UNet2DConditionModel (SD 1.x / 2.x family)")
-    if getattr(pipe, "text_encoder_2", None) is not None or pipe.unet.config.addition_embed_type is not None:
-        raise InvalidArgumentError(
-            "SDXL-style pipelines (second text encoder, added time/text conditioning) are not supported yet")
+def check_supported(pipe) -> str:
+    """The pipeline's family; UnsupportedBaseError or InvalidArgumentError for what ESD cannot train."""
+    family = pipeline_family(pipe)
+    prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+    if prediction not in PREDICTION_TYPES:
+        raise InvalidArgumentError(f"the base's scheduler predicts {prediction!r}; ESD trains bases that predict "
+                                   f"{' or '.join(PREDICTION_TYPES)}")
+    return family
+
+
+def _set_parameter(module: torch.nn.Module, name: str, value: torch.nn.Parameter) -> None:
+    owner, _, leaf = name.rpartition(".")
+    setattr(module.get_submodule(owner) if owner else module, leaf, value)
 
 
 class ESDTrainer:
     def __init__(self, pipe, config: ESDConfig, device: str = "cpu", progress: bool = True):
         from diffusers import DDIMScheduler
 
-        check_supported(pipe)
-        self.pipe, self.cfg, self.device, self.progress = pipe, config, device, progress
-        self.unet = pipe.unet.to(device, torch.float32)
+        self.family = check_supported(pipe)
+        self.pipe, self.cfg, self.device, self.progress = pipe, config, torch.device(device), progress
+        self.unet = pipe.unet.to(device)
+        self.dtype = self.unet.dtype  # the base as loaded; the trained tensors are float32 whatever it is
         self.names = select_parameters(self.unet, config.method)
         if not self.names:
             raise InvalidArgumentError(f"method {config.method} selects no parameter of this UNet")
         self.unet.requires_grad_(False)
         params = dict(self.unet.named_parameters())
-        self.trainable = {n: params[n] for n in self.names}
         # The frozen base shares every untouched tensor with the trained UNet: memory grows by the touched ones.
-        memo = {id(p): p for n, p in params.items() if n not in self.trainable}
+        memo = {id(p): p for n, p in params.items() if n not in self.names}
         self.frozen = copy.deepcopy(self.unet, memo).eval()
+        if self.dtype != torch.float32:  # float32 masters: Adam's small steps are lost in bfloat16 rounding
+            for n in self.names:
+                _set_parameter(self.unet, n, torch.nn.Parameter(params[n].detach().float()))
+            params = dict(self.unet.named_parameters())
+        self.trainable = {n: params[n] for n in self.names}
         for p in self.trainable.values():
             p.requires_grad_(True)
+        if config.gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
         self.unet.train()
 
+        self.size = self._check_resolution(config.resolution)
+        self.conditioner = conditioner_for(pipe, device)
         self.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
         self.scheduler.set_timesteps(config.ddim_steps)
         self.timesteps = self.scheduler.timesteps.to(device)
-        self.emb: dict[str, torch.Tensor] = {}  # prompt -> text embedding, filled as prompts are drawn
+        self.prediction_type = self.scheduler.config.prediction_type
         self.optimizer = torch.optim.Adam(list(self.trainable.values()), lr=config.lr)
         self.generator = torch.Generator("cpu").manual_seed(config.seed)
         self.rng = np.random.default_rng(config.seed)
         self.iteration = 0
-        self.pool: dict[str, dict[str, torch.Tensor]] = {}
+        self.pool: dict[str, dict] = {}
         self.losses: list[float] = []
         self.train_seconds = 0.0
         self.unet_passes = 0  # sample-forward passes (batch items), for the benchmark
 
-    @torch.no_grad()
-    def _encode(self, text: str) -> torch.Tensor:
-        if text not in self.emb:
-            emb, _ = self.pipe.encode_prompt(text, self.device, 1, do_classifier_free_guidance=False)
-            self.emb[text] = emb.to(torch.float32)
-        return self.emb[text]
+    def _check_resolution(self, resolution: int | None) -> int:
+        from .pipeline import default_size
 
-    def _embed(self, prompts: list[str]) -> torch.Tensor:
-        return torch.cat([self._encode(p) for p in prompts])
+        size = resolution or default_size(self.pipe)
+        multiple = self.pipe.vae_scale_factor * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        if size % multiple:
+            raise InvalidArgumentError(f"--resolution {size} must be a multiple of {multiple} for this base "
+                                       "(the VAE and every UNet down-sampling)")
+        return size
+
+    # --- conditioning ---------------------------------------------------------------------------------------
+
+    def encode(self, prompts: list[str]) -> Conditioning:
+        """UNet conditioning of ``prompts`` at the training resolution; "" is the unconditional branch."""
+        return self.conditioner.encode(prompts, self.size)
+
+    def unconditional(self, n: int) -> Conditioning:
+        return self.conditioner.unconditional(n, self.size)
+
+    def predict(self, model, x: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """The UNet's raw prediction (float32), under autocast to the base's dtype when it is not float32."""
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            out = model(x, t, **cond.unet_kwargs()).sample
+        return out.float()
+
+    def loss_weights(self, t: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample weights making the loss on the raw predictions the eps-space loss: None for epsilon, the
+        signal variance alphas_cumprod[t] for v-prediction (see the module docstring)."""
+        if self.prediction_type == "epsilon":
+            return None
+        return self.scheduler.alphas_cumprod.to(self.device)[t.long()].float()
+
+    def mse(self, pred: torch.Tensor, target: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        w = self.loss_weights(t)
+        if w is None:
+            return F.mse_loss(pred, target)
+        return ((pred - target) ** 2 * w.view(-1, *[1] * (pred.dim() - 1))).mean()
 
     def prompts(self, concept: str, n: int) -> list[tuple[str, str]]:
         """``n`` (c, c0) training prompt pairs for ``concept``: a drawn template with and without the concept."""
@@ -135,27 +198,27 @@ class ESDTrainer:
         """Each prompt with ``concept`` replaced by a preserved concept drawn at random."""
         return self._swap(pairs, concept, self.cfg.preserve)
 
-    def _embed_pairs(self, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._embed([c for c, _ in pairs]), self._embed([c0 for _, c0 in pairs])
+    def _embed_pairs(self, pairs: list[tuple[str, str]]) -> tuple[Conditioning, Conditioning]:
+        return self.encode([c for c, _ in pairs]), self.encode([c0 for _, c0 in pairs])
 
     def _latent_shape(self, n: int) -> tuple[int, ...]:
-        c, s = self.unet.config.in_channels, self.unet.config.sample_size
-        return (n, c, s, s)
+        s = self.size // self.pipe.vae_scale_factor
+        return (n, self.unet.config.in_channels, s, s)
 
     # --- x_t sampling ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, cond: torch.Tensor, stop: int):
-        """DDIM from noise for ``stop`` steps, guided towards the prompt embeddings ``cond`` (one per trajectory).
+    def sample(self, cond: Conditioning, stop: int):
+        """DDIM from noise for ``stop`` steps, guided towards the prompts of ``cond`` (one row per trajectory).
         Returns the states x_0..x_stop and, per step, the sampler's unconditional and conditional predictions."""
         model = self.frozen if self.cfg.sample_with == "frozen" else self.unet
-        n = cond.shape[0]
+        n = len(cond)
         x = torch.randn(self._latent_shape(n), generator=self.generator).to(self.device)
         x = x * self.scheduler.init_noise_sigma
-        emb = torch.cat([self._encode("").expand(n, -1, -1), cond])
+        both = Conditioning.cat([self.unconditional(n), cond])
         states, eps_u, eps_c = [x], [], []
         for t in self.timesteps[:stop]:
-            e = model(torch.cat([x, x]), t, emb).sample
+            e = self.predict(model, torch.cat([x, x]), t, both)
             self.unet_passes += 2 * n
             eu, ec = e.chunk(2)
             eps_u.append(eu)
@@ -165,9 +228,9 @@ class ESDTrainer:
         return states, eps_u, eps_c
 
     @torch.no_grad()
-    def _targets(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, neutral: torch.Tensor) -> torch.Tensor:
-        emb = torch.cat([neutral, cond])
-        e0, ep = self.frozen(torch.cat([x, x]), torch.cat([t, t]), emb).sample.chunk(2)
+    def _targets(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, neutral: Conditioning) -> torch.Tensor:
+        e0, ep = self.predict(self.frozen, torch.cat([x, x]), torch.cat([t, t]),
+                              Conditioning.cat([neutral, cond])).chunk(2)
         self.unet_passes += 2 * x.shape[0]
         return e0 - self.cfg.eta * (ep - e0)
 
@@ -176,25 +239,25 @@ class ESDTrainer:
         for concept in self.cfg.concepts:
             pairs = self.prompts(concept, n)
             cond, neutral = self._embed_pairs(pairs)
-            keep = self._embed(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else cond[:0]
+            keep = self.encode(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else cond[:0]
             # the preserved prompts get trajectories of their own (held on the concept's x_t only, the base
             # behaviour does not carry over to images of the preserved concept); one batch samples both
-            states, eps_u, eps_c = self.sample(torch.cat([cond, keep]), steps)
+            states, eps_u, eps_c = self.sample(Conditioning.cat([cond, keep]), steps)
             kept_states, kept_eps = [s[n:] for s in states], [e[n:] for e in eps_c]
             states, eps_u, eps_c = [s[:n] for s in states], [e[:n] for e in eps_u], [e[:n] for e in eps_c]
             entry = {
                 "x": torch.cat(states[:steps]),  # x_i for i < steps, the state *before* denoising step i
                 "t": self.timesteps[:steps].repeat_interleave(n),
-                "c": cond.repeat(steps, 1, 1),  # item i * n + j was sampled with prompt j
-                "c0": neutral.repeat(steps, 1, 1),
+                "c": cond.repeat(steps),  # item i * n + j was sampled with prompt j
+                "c0": neutral.repeat(steps),
             }
             if self.cfg.preserve:
-                entry["cp"] = keep.repeat(steps, 1, 1)
+                entry["cp"] = keep.repeat(steps)
                 entry["xp"] = torch.cat(kept_states[:steps])
                 if self.cfg.sample_with == "frozen":  # the frozen sampler's predictions are the preserve targets
                     entry["keep_target"] = torch.cat(kept_eps)
             if self.cfg.sample_with == "frozen" and all(c0 == "" for _, c0 in pairs):
-                # the sampler was the frozen base and its unconditional prompt is c0: its predictions are the targets
+                # the sampler was the frozen base and its unconditional branch is c0: its predictions are the targets
                 e0, ep = torch.cat(eps_u), torch.cat(eps_c)
                 entry["target"] = e0 - self.cfg.eta * (ep - e0)
             self.pool[concept] = entry
@@ -206,8 +269,8 @@ class ESDTrainer:
             stop = int(self.rng.integers(self.cfg.ddim_steps))  # uniform over the DDIM steps, as in the paper
             pairs = self.prompts(concept, 1)
             cond, neutral = self._embed_pairs(pairs)
-            cp = self._embed(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
-            states, _, _ = self.sample(cond if cp is None else torch.cat([cond, cp]), stop)
+            cp = self.encode(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
+            states, _, _ = self.sample(cond if cp is None else Conditioning.cat([cond, cp]), stop)
             x, t = states[stop][:1], self.timesteps[stop].reshape(1)
             keep = None if cp is None else (states[stop][1:], cp, None)
             return x, t, cond, self._targets(x, t, cond, neutral), keep
@@ -226,35 +289,36 @@ class ESDTrainer:
         concepts = self.cfg.concepts
         concept = concepts[self.iteration % len(concepts)]  # one concept per iteration, in turn
         x, t, cond, target, keep = self._batch(concept)
-        if self.cfg.erase_from:
-            cond = self._encode(self.cfg.erase_from).expand(x.shape[0], -1, -1)
         n = x.shape[0]
+        if self.cfg.erase_from:
+            cond = self.encode([self.cfg.erase_from]).repeat(n)
         inputs, conds, kept = [x], [cond], []  # one batched pass of the trained UNet over every term
         if keep is not None:
             x_keep, c_keep, keep_target = keep
             if keep_target is None:
                 with torch.no_grad():
-                    keep_target = self.frozen(x_keep, t, c_keep).sample
+                    keep_target = self.predict(self.frozen, x_keep, t, c_keep)
                 self.unet_passes += n
             inputs.append(x_keep)
             conds.append(c_keep)
             kept.append(keep_target)
         if self.cfg.preserve_unconditional:
-            # the empty prompt's prediction steers every image through classifier-free guidance: left free, it
+            # the unconditional prediction steers every image through classifier-free guidance: left free, it
             # drifts with the erasure, which both weakens the erasure and moves other concepts
             states = torch.cat(inputs)
-            empty = self._encode("").expand(states.shape[0], -1, -1)
+            empty = self.unconditional(states.shape[0])
             with torch.no_grad():
-                kept.append(self.frozen(states, t.repeat(len(inputs)), empty).sample)
+                kept.append(self.predict(self.frozen, states, t.repeat(len(inputs)), empty))
             self.unet_passes += states.shape[0]
             inputs.append(states)
             conds.append(empty)
         batch = torch.cat(inputs)
-        pred = self.unet(batch, t.repeat(batch.shape[0] // n), torch.cat(conds)).sample
+        times = t.repeat(batch.shape[0] // n)
+        pred = self.predict(self.unet, batch, times, Conditioning.cat(conds))
         self.unet_passes += batch.shape[0]
-        loss = F.mse_loss(pred[:n], target)
+        loss = self.mse(pred[:n], target, t)
         if kept:
-            loss = loss + self.cfg.preserve_weight * F.mse_loss(pred[n:], torch.cat(kept))
+            loss = loss + self.cfg.preserve_weight * self.mse(pred[n:], torch.cat(kept), times[n:])
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -284,7 +348,7 @@ class ESDTrainer:
     def delta(self) -> dict[str, torch.Tensor]:
         """theta - theta* of every trained tensor, float32 on the CPU."""
         base = dict(self.frozen.named_parameters())
-        return {n: (p.detach() - base[n]).float().cpu() for n, p in self.trainable.items()}
+        return {n: (p.detach().float() - base[n].float()).cpu() for n, p in self.trainable.items()}
 
     def base_fingerprint(self) -> str:
         """The pack's base fingerprint: the frozen copy holds the base values of exactly the trained tensors."""
