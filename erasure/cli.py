@@ -112,6 +112,12 @@ def _default_guidance(args) -> float:
     return TOY_DEFAULTS["guidance"] if is_toy(args.base) else 7.5
 
 
+def _dtype(args):
+    import torch
+
+    return getattr(torch, args.dtype)
+
+
 def parse_pack_arg(text: str) -> tuple[str, float]:
     """``PACK`` or ``PACK:SCALE`` (PACK: a directory or NS/NAME[@REV])."""
     path, _, scale = text.rpartition(":")
@@ -141,7 +147,7 @@ def cmd_generate(args) -> None:
 
     guidance = _default_guidance(args)
     packs = load_packs(args.packs)  # refused before the base is loaded if a pack is bad
-    pipe = with_packs(load_pipeline(args.base), packs)
+    pipe = with_packs(load_pipeline(args.base, args.device, _dtype(args), args.revision), packs)
     [image] = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=guidance,
                        negative_prompt=args.negative_prompt)
     try:
@@ -161,7 +167,7 @@ def cmd_eval(args) -> None:
     from .toy.oracle import Oracle
 
     packs = load_packs(args.packs)  # refused before any generation if a pack is bad
-    pipe = load_pipeline(args.base)
+    pipe = load_pipeline(args.base, args.device, _dtype(args), args.revision)
     settings = dict(samples=args.samples, splits=args.splits, seed=args.seed, steps=args.steps,
                     guidance=_default_guidance(args), batch_size=args.batch_size)
     oracle = Oracle.load()
@@ -197,7 +203,7 @@ def cmd_train(args) -> None:
 
     cfg = model_from_args(ESDConfig, args)
     pack = train_pack(args.base, cfg, Path(args.out), name=args.name, revision=args.revision, resume=args.resume,
-                      eval_samples=args.eval_samples)
+                      eval_samples=args.eval_samples, device=args.device, dtype=_dtype(args))
     m = pack.manifest
     print(f"wrote pack {m.name!r} to {pack.path}: {len(m.tensors)} tensors, "
           f"{m.metrics['touched_parameters']:,} parameters, {m.metrics['train_seconds']} s of training")
@@ -223,7 +229,13 @@ def cmd_toy_build(args) -> None:
 
 
 def add_base_options(p: argparse.ArgumentParser, sampling: bool = True) -> None:
-    p.add_argument("--base", default="toy", help="'toy' (shipped default), a pipeline directory, or a Hub id")
+    p.add_argument("--base", default="toy", help="'toy' (shipped default), an SD 1.x / 2.x / SDXL pipeline "
+                                                 "directory, or a Hub id")
+    p.add_argument("--revision", default=None, help="Hub revision of --base: branch, tag or commit (a trained "
+                                                    "pack records the commit it resolved to)")
+    p.add_argument("--device", default="cpu", help="torch device to run on: cpu (default), cuda, cuda:1, ...")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype the base is loaded in (default float32); a pack is served on a base loaded alike")
     if sampling:
         p.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
         p.add_argument("--guidance", type=float, default=None,
@@ -270,7 +282,6 @@ def build_parser() -> argparse.ArgumentParser:
                                    "recorded verbatim in the pack's manifest.")
     add_model_options(p, ESDConfig)
     add_base_options(p, sampling=False)
-    p.add_argument("--revision", default=None, help="Hub revision of --base (recorded in the manifest)")
     p.add_argument("--out", required=True, help="pack directory to write")
     p.add_argument("--name", default=None, help="pack name (default: the --out directory's name)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")

@@ -62,6 +62,12 @@ class BaseRef(BaseModel):
     id: str = Field(description="'toy', a Hub repository id, or a local path")
     revision: str | None = Field(None, description="the Hub revision the base was loaded at")
     fingerprint: str = Field(description="sha256 of the base values of the touched tensors (see fingerprint())")
+    family: Literal["sd", "sdxl"] | None = Field(
+        None, description="pipeline family (erasure.conditioning.FAMILIES); a pack is refused on another family")
+    dtype: str | None = Field(None, description="the dtype the base was loaded in for training")
+
+    def __str__(self) -> str:
+        return self.id + (f"@{self.revision[:12]}" if self.revision else "")
 
 
 class Manifest(BaseModel):
@@ -133,9 +139,13 @@ class BaseWeights:
     """
 
     def __init__(self, unet_or_state):
+        from .conditioning import unet_family
+
         self.module = None if isinstance(unet_or_state, dict) else unet_or_state
         self.state: dict[str, torch.Tensor] = (dict(unet_or_state) if self.module is None
                                                else dict(unet_or_state.named_parameters()))
+        # a bare state dict says nothing about its family: only the tensor checks apply to it
+        self.family: str | None = None if self.module is None else unet_family(self.module)
         self._fingerprints: dict[frozenset[str], str] = {}
 
     @classmethod
@@ -288,7 +298,14 @@ class ConceptPack:
     def verify_against(self, base) -> None:
         """Refuse (PackMismatchError) unless every touched tensor exists in ``base`` (a UNet, a state dict or a
         BaseWeights) with the same shape and the base fingerprint matches."""
+        from .conditioning import FAMILIES
+
         base = BaseWeights.of(base)
+        trained_on = self.manifest.base
+        if trained_on.family and base.family and trained_on.family != base.family:
+            raise PackMismatchError(self._label, f"trained on an {FAMILIES[trained_on.family]} base ({trained_on}); "
+                                                 f"this base is {FAMILIES[base.family]}: use a pack trained on "
+                                                 "this base")
         names = set(self.delta)
         unknown = sorted(n for n in names if n not in base.state)
         if unknown:
@@ -298,9 +315,13 @@ class ConceptPack:
             if tuple(base.state[n].shape) != tuple(self.delta[n].shape):
                 raise PackMismatchError(self._label, f"tensor {n} is {list(base.state[n].shape)} in the base, "
                                                      f"{list(self.delta[n].shape)} in the pack")
-        if base.fingerprint(names) != self.manifest.base.fingerprint:
-            raise PackMismatchError(self._label, f"built for another base ({self.manifest.base.id}): the base values "
-                                                 f"of its {len(names)} touched tensors differ")
+        if base.fingerprint(names) != trained_on.fingerprint:
+            hint = ""
+            dtype = _dtype_name(next(iter(base.state[n] for n in names))) if names else None
+            if trained_on.dtype and dtype and trained_on.dtype != dtype:
+                hint = f" (it was trained on the base loaded in {trained_on.dtype}, this one is {dtype})"
+            raise PackMismatchError(self._label, f"built for another base ({trained_on}): the base values of its "
+                                                 f"{len(names)} touched tensors differ{hint}")
 
 
 def _dtype_name(t: torch.Tensor) -> str:

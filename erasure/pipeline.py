@@ -1,7 +1,7 @@
 """Loading a base pipeline and generating images with it.
 
-``base`` is ``"toy"`` (the shipped default), a local diffusers pipeline directory, or a Hub repository id of any
-Stable Diffusion-family pipeline whose UNet is a UNet2DConditionModel.
+``base`` is ``"toy"`` (the shipped default), a local diffusers pipeline directory, or a Hub repository id of an
+SD 1.x / 2.x or SDXL pipeline (see erasure.conditioning for the families).
 
 Example:
     >>> from erasure.pipeline import load_pipeline, generate
@@ -11,8 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -44,22 +46,74 @@ def is_toy(base: str | os.PathLike | None) -> bool:
     return base is None or str(base) == "toy" or Path(resolve_base(base)) == TOY_BASE
 
 
-def load_pipeline(base: str | os.PathLike | None = "toy", device: str = "cpu", dtype: torch.dtype = torch.float32,
-                  revision: str | None = None):
-    """Load a StableDiffusionPipeline (any SD-family pipeline with a UNet2DConditionModel) from ``base``."""
-    from diffusers import DiffusionPipeline, UNet2DConditionModel
+@dataclasses.dataclass
+class LoadedBase:
+    """A loaded base pipeline and what a pack records about it (``BaseRef``): the id as given, the commit a Hub
+    revision resolved to, the family (a key of ``erasure.conditioning.FAMILIES``) and the dtype it was loaded in."""
+
+    pipe: Any
+    id: str
+    revision: str | None
+    family: str
+    dtype: str
+
+    def base_ref(self, fingerprint: str):
+        from .pack import BaseRef
+
+        return BaseRef(id=self.id, revision=self.revision, fingerprint=fingerprint, family=self.family,
+                       dtype=self.dtype)
+
+
+def load_base(base: str | os.PathLike | None = "toy", device: str = "cpu", dtype: torch.dtype = torch.float32,
+              revision: str | None = None) -> LoadedBase:
+    """Load an SD-family pipeline (SD 1.x / 2.x or SDXL) from ``base``: 'toy', a diffusers pipeline directory, or a
+    Hub id at ``revision`` (resolved to its commit sha, from the cache when offline). Other pipelines (e.g. a
+    transformer-based one) are refused with UnsupportedBaseError naming the supported families.
+
+    Example:
+        >>> loaded = load_base("stabilityai/stable-diffusion-xl-base-1.0", revision="main", dtype=torch.bfloat16)
+        >>> loaded.family, loaded.revision
+        ('sdxl', '462165984030d82259a11f4367a4eed129e94a7b')
+    """
+    from diffusers import DiffusionPipeline
+
+    from .conditioning import pipeline_family
 
     source = resolve_base(base)
+    hub = not Path(source).is_dir()
+    commit = revision
     try:
-        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, revision=revision)
+        _check_components(DiffusionPipeline.load_config(source, revision=revision if hub else None))
+        if hub:  # the snapshot folder is named by the commit the revision resolved to
+            source = DiffusionPipeline.download(source, revision=revision)
+            commit = Path(source).name if Path(source).parent.name == "snapshots" else revision
+        pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype)
     except (OSError, ValueError) as exc:  # offline Hub, unknown repo, broken directory
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BaseNotFoundError(f"cannot load base pipeline {source!r}: {first}") from exc
-    unet = getattr(pipe, "unet", None)
-    if not isinstance(unet, UNet2DConditionModel):
-        raise BaseNotFoundError(f"{source!r} has no UNet2DConditionModel; only SD-family pipelines are supported")
+        raise BaseNotFoundError(f"cannot load base pipeline {str(base)!r}: {first}") from exc
+    family = pipeline_family(pipe)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    base_id = "toy" if is_toy(base) else str(base)
+    return LoadedBase(pipe.to(device), base_id, None if base_id == "toy" else commit, family,
+                      str(dtype).removeprefix("torch."))
+
+
+def _check_components(index: dict) -> None:
+    """Refuse a pipeline without a UNet from its model_index.json, before any weight is loaded."""
+    from .conditioning import FAMILIES
+    from .errors import UnsupportedBaseError
+
+    if "unet" not in index:
+        parts = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple)))
+        raise UnsupportedBaseError(
+            f"{index.get('_class_name', 'this pipeline')} has no UNet (components: {', '.join(parts)}): not a "
+            f"Stable Diffusion pipeline; supported: {', '.join(FAMILIES.values())}")
+
+
+def load_pipeline(base: str | os.PathLike | None = "toy", device: str = "cpu", dtype: torch.dtype = torch.float32,
+                  revision: str | None = None):
+    """The pipeline of ``load_base(...)``."""
+    return load_base(base, device, dtype, revision).pipe
 
 
 def share_pipeline(pipe, **components):
@@ -70,15 +124,17 @@ def share_pipeline(pipe, **components):
     import inspect
 
     parts = {**pipe.components, **components}
-    if "requires_safety_checker" in inspect.signature(type(pipe).__init__).parameters:
-        # as loaded; the default (True) would log a warning on every call when there is no safety checker
-        parts["requires_safety_checker"] = bool(pipe.config.get("requires_safety_checker", False))
+    for name in inspect.signature(type(pipe).__init__).parameters:
+        # settings as loaded (requires_safety_checker, SDXL's force_zeros_for_empty_prompt), not the defaults
+        if name not in parts and name != "self" and name in pipe.config:
+            parts[name] = pipe.config[name]
     new = type(pipe)(**parts)
     new.set_progress_bar_config(disable=True)
     return new
 
 
 def default_size(pipe) -> int:
+    """The pipeline's native image size in pixels (SD 1.5: 512, SD 2.1: 768, SDXL: 1024)."""
     return pipe.unet.config.sample_size * pipe.vae_scale_factor
 
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .compose import with_packs
 from .config import ESDConfig
 from .errors import InvalidArgumentError
 from .esd import ESDTrainer
-from .pack import BaseRef, ConceptPack
-from .pipeline import TOY_DEFAULTS, generate, is_toy, load_pipeline, share_pipeline
+from .pack import BaseWeights, ConceptPack
+from .pipeline import TOY_DEFAULTS, generate, is_toy, load_base, share_pipeline
 
 CHECKPOINT = ".esd-checkpoint.pt"
 
@@ -77,8 +78,10 @@ def check_toy_concepts(cfg: ESDConfig) -> None:
 
 def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, revision: str | None = None,
                resume: bool = False, eval_samples: int | None = None, progress: bool = True, device: str = "cpu",
-               callback=None, metrics: dict | None = None) -> ConceptPack:
-    """Train ``cfg`` on ``base`` and save the pack to ``out`` (checkpointed there, so ``resume`` continues).
+               dtype: torch.dtype = torch.float32, callback=None, metrics: dict | None = None) -> ConceptPack:
+    """Train ``cfg`` on ``base`` (loaded at ``revision`` on ``device`` in ``dtype``) and save the pack to ``out``
+    (checkpointed there, so ``resume`` continues). The manifest records the base's id, resolved revision,
+    family, dtype and fingerprint.
 
     ``callback(trainer)`` runs after every optimizer step (e.g. to report progress); ``metrics`` are recorded in the
     manifest beside the training figures (e.g. ``erasure train-many``'s config hash)."""
@@ -93,7 +96,8 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         check_toy_concepts(cfg)
     elif "toy" in cfg.templates:
         raise InvalidArgumentError("--template toy draws toy-world prompts; it needs the toy base (--base toy)")
-    pipe = load_pipeline(base, revision=revision, device=device)
+    loaded = load_base(base, device=device, dtype=dtype, revision=revision)
+    pipe = loaded.pipe
     trainer = ESDTrainer(pipe, cfg, device=device, progress=progress)
     out.mkdir(parents=True, exist_ok=True)
     if resume:
@@ -101,8 +105,9 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
     trainer.train(checkpoint=checkpoint, callback=callback)
     trainer.unet.eval()
 
-    dtype = getattr(torch, cfg.delta_dtype)
-    delta = {k: v.to(dtype) for k, v in trainer.delta().items()}
+    delta_dtype = getattr(torch, cfg.delta_dtype)
+    delta = {k: v.to(delta_dtype) for k, v in trainer.delta().items()}
+    trainer.optimizer.state.clear()  # Adam's moments are the largest thing left; the preview needs the memory
     metrics = {
         **(metrics or {}),
         "final_loss": float(np.mean(trainer.losses[-50:])),
@@ -110,19 +115,23 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
         "unet_sample_passes": trainer.unet_passes,
         "touched_parameters": int(sum(v.numel() for v in delta.values())),
     }
-    base_pipe = share_pipeline(pipe, unet=trainer.frozen)  # the frozen copy is the base, bit for bit
+    base_unet = BaseWeights(trainer.frozen)  # the frozen copy is the base, bit for bit
+    pack = ConceptPack.from_delta(name or out.name, cfg, loaded.base_ref(base_unet.fingerprint(delta)), delta,
+                                  b"", metrics)
+    # the preview and the evaluation show what serving computes: the stored delta composed onto the base
+    base_pipe = share_pipeline(pipe, unet=trainer.frozen)
+    erased_pipe = with_packs(base_pipe, [(pack, 1.0)], base=base_unet)
     samples = (100 if toy else 0) if eval_samples is None else eval_samples
     if toy and samples:
-        metrics["eval"] = quick_eval(base_pipe, pipe, samples)
+        metrics["eval"] = quick_eval(base_pipe, erased_pipe, samples)
         metrics["eval_settings"] = {"samples": samples, "split": "train", **TOY_DEFAULTS}
 
     prompts = preview_prompts(cfg.concepts, toy)
     seeds = list(range(len(prompts)))
     gen = dict(steps=TOY_DEFAULTS["steps"], guidance=TOY_DEFAULTS["guidance"]) if toy else {}
-    preview = preview_grid(generate(base_pipe, prompts, seeds, **gen), generate(pipe, prompts, seeds, **gen))
-    base_ref = BaseRef(id="toy" if toy else str(base), revision=revision,
-                       fingerprint=trainer.base_fingerprint())
-    pack = ConceptPack.from_delta(name or out.name, cfg, base_ref, delta, preview, metrics)
+    gen["size"] = trainer.size
+    grid = preview_grid(generate(base_pipe, prompts, seeds, **gen), generate(erased_pipe, prompts, seeds, **gen))
+    pack = ConceptPack.from_delta(pack.name, cfg, pack.manifest.base, delta, grid, metrics)
     pack.save_pretrained(out)
     checkpoint.unlink(missing_ok=True)
     return pack

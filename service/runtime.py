@@ -226,21 +226,24 @@ class Runtime:
     def pack_set(self, requested) -> PackSet:
         return tuple(sorted(set(self.mandatory) | set(requested)))
 
-    def _tokenizer(self):
-        # Tokenizers keep caches and (fast ones) a Rust object that refuses concurrent use: one per thread.
-        tok = getattr(self._local, "tokenizer", None)
-        if tok is None:
-            tok = self._local.tokenizer = copy.deepcopy(self.pipe.tokenizer)
-        return tok
+    def _tokenizers(self) -> dict[str, Any]:
+        # Tokenizers keep caches and (fast ones) a Rust object that refuses concurrent use: one set per thread
+        # (SDXL has two: tokenizer and tokenizer_2).
+        toks = getattr(self._local, "tokenizers", None)
+        if toks is None:
+            toks = self._local.tokenizers = {name: copy.deepcopy(module) for name, module in
+                                             self.pipe.components.items()
+                                             if name.startswith("tokenizer") and module is not None}
+        return toks
 
     def fresh_pipeline(self, unet):
         """A new pipeline object: shared read-only modules, this pack set's UNet, its own scheduler, and this
-        thread's tokenizer."""
+        thread's tokenizers."""
         from erasure.pipeline import share_pipeline
 
         base = self.pipe
-        return share_pipeline(base, unet=unet, tokenizer=self._tokenizer(),
-                              scheduler=type(base.scheduler).from_config(base.scheduler.config))
+        return share_pipeline(base, unet=unet, scheduler=type(base.scheduler).from_config(base.scheduler.config),
+                              **self._tokenizers())
 
     def generate(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
                  width: int, height: int, seeds: list[int]) -> tuple[list, bool]:
