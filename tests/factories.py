@@ -102,3 +102,89 @@ def pack_dir(out: Path, unet, method: str = "esd-all", magnitude: float = 1e-3, 
     """``make_pack`` saved to ``out`` (every tensor touched by default, ~200 kB); returns the directory."""
     make_pack(out, unet, method=method, magnitude=magnitude, **kwargs)
     return Path(out)
+
+
+# --- architecture-true tiny pipelines: SD 1.x / 2.x / XL block layouts at a few hundred kB ------------------------
+#
+# Each keeps its family's structure (block types and order, transformer layers per block, linear projections,
+# text encoders, added conditioning, prediction type) at a width that runs a denoising step in milliseconds.
+# The tokenizer is the toy one (built offline); prompts outside its vocabulary still tokenize, letter by letter.
+
+def _tiny_tokenizer(tmp_dir: Path):
+    from erasure.toy.tokenizer import build_tokenizer_files, load_tokenizer
+
+    return load_tokenizer(build_tokenizer_files(Path(tmp_dir) / "tokenizer"))
+
+
+def _tiny_clip(tokenizer, width: int, projection_dim: int | None = None):
+    """A 2-layer CLIP text encoder; with ``projection_dim``, the projected variant SDXL's second encoder is."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=tokenizer.model_max_length,
+        projection_dim=projection_dim or width, hidden_act="gelu", bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return CLIPTextModelWithProjection(config) if projection_dim else CLIPTextModel(config)
+
+
+def _tiny_vae(sample_size: int = 64, scaling_factor: float = 0.18215):
+    """SD's VAE layout (4 levels: 8x down-sampling) at width 8."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=sample_size, scaling_factor=scaling_factor)
+
+
+def tiny_sd2_pipe(tmp_dir: Path, seed: int = 0, prediction_type: str = "v_prediction"):
+    """SD 2.x: SD's 4-level UNet (3 cross-attention down blocks, 2 layers per block), linear projections in the
+    transformers, per-level head counts, one CLIP text encoder, a v-prediction DDIM scheduler."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer(tmp_dir)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, cross_attention_dim=16, norm_num_groups=4)
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
+        timestep_spacing="leading")
+    pipe = StableDiffusionPipeline(
+        vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, 16), tokenizer=tokenizer, unet=unet,
+        scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipe(tmp_dir: Path, seed: int = 0):
+    """SDXL: the 3-level UNet (no attention at the top level, 1 / 2 / 3 transformer layers per block where SDXL
+    has 1 / 2 / 10), ``text_time`` added conditioning, two CLIP text encoders (the second with a projection, whose
+    pooled output is ``text_embeds``), cross-attention over both encoders' hidden states concatenated, an Euler
+    scheduler, ``force_zeros_for_empty_prompt`` as SDXL ships."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    tokenizer = _tiny_tokenizer(tmp_dir)
+    text_encoder, text_encoder_2 = _tiny_clip(tokenizer, 16), _tiny_clip(tokenizer, 24, projection_dim=12)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 32),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 3), attention_head_dim=(2, 4, 8), use_linear_projection=True,
+        cross_attention_dim=16 + 24, addition_embed_type="text_time", addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=12 + 6 * time_dim, norm_num_groups=4)
+    scheduler = EulerDiscreteScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        prediction_type="epsilon", steps_offset=1, timestep_spacing="leading")
+    pipe = StableDiffusionXLPipeline(
+        vae=_tiny_vae(scaling_factor=0.13025), text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer, tokenizer_2=_tiny_tokenizer(Path(tmp_dir) / "2"), unet=unet, scheduler=scheduler,
+        force_zeros_for_empty_prompt=True)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
