@@ -138,27 +138,38 @@ def _tiny_vae(sample_size: int = 64, scaling_factor: float = 0.18215):
         latent_channels=4, norm_num_groups=4, sample_size=sample_size, scaling_factor=scaling_factor)
 
 
-def tiny_sd2_pipe(tmp_dir: Path, seed: int = 0, prediction_type: str = "v_prediction"):
-    """SD 2.x: SD's 4-level UNet (3 cross-attention down blocks, 2 layers per block), linear projections in the
-    transformers, per-level head counts, one CLIP text encoder, a v-prediction DDIM scheduler."""
+def tiny_sd_pipe(tmp_dir: Path, version: int = 2, seed: int = 0):
+    """SD 1.x (``version=1``) or 2.x: SD's 4-level UNet (3 cross-attention down blocks, 2 layers per block) and one
+    CLIP text encoder. SD 2.x: linear projections in the transformers, per-level head counts, a wider text
+    encoder and a v-prediction scheduler; SD 1.x: conv projections, one head count, epsilon-prediction."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
     torch.manual_seed(seed)
     tokenizer = _tiny_tokenizer(tmp_dir)
+    text_width = 16 if version == 2 else 12
     unet = UNet2DConditionModel(
         sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(8, 16, 32, 32),
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        attention_head_dim=(2, 4, 8, 8), use_linear_projection=True, cross_attention_dim=16, norm_num_groups=4)
+        attention_head_dim=(2, 4, 8, 8) if version == 2 else 2, use_linear_projection=version == 2,
+        cross_attention_dim=text_width, norm_num_groups=4)
     scheduler = DDIMScheduler(
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        prediction_type=prediction_type, clip_sample=False, set_alpha_to_one=False, steps_offset=1,
-        timestep_spacing="leading")
+        prediction_type="v_prediction" if version == 2 else "epsilon", clip_sample=False, set_alpha_to_one=False,
+        steps_offset=1, timestep_spacing="leading")
     pipe = StableDiffusionPipeline(
-        vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, 16), tokenizer=tokenizer, unet=unet,
+        vae=_tiny_vae(), text_encoder=_tiny_clip(tokenizer, text_width), tokenizer=tokenizer, unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_sd1_pipe(tmp_dir: Path, seed: int = 0):
+    return tiny_sd_pipe(tmp_dir, version=1, seed=seed)
+
+
+def tiny_sd2_pipe(tmp_dir: Path, seed: int = 0):
+    return tiny_sd_pipe(tmp_dir, version=2, seed=seed)
 
 
 def tiny_sdxl_pipe(tmp_dir: Path, seed: int = 0):
@@ -188,3 +199,14 @@ def tiny_sdxl_pipe(tmp_dir: Path, seed: int = 0):
         force_zeros_for_empty_prompt=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_dit_pipe():
+    """A transformer-based pipeline (DiT): not SD-family, for the refusals."""
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
+        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4)
+    vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
+    return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())

@@ -12,7 +12,7 @@ from erasure.config import ESDConfig
 from erasure.errors import PackMismatchError, UnsupportedBaseError
 from erasure.esd import ESDTrainer
 from erasure.methods import select_parameters
-from factories import make_pack, tiny_sd2_pipe, tiny_sdxl_pipe
+from factories import make_pack, tiny_dit_pipe, tiny_sd2_pipe, tiny_sdxl_pipe
 
 TINY = dict(lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2)
 
@@ -154,14 +154,9 @@ def test_a_pack_is_refused_on_the_other_family(sdxl, sd2, tmp_path):
 
 
 def test_a_transformer_pipeline_is_refused_naming_the_families(tmp_path):
-    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
-
     from erasure.pipeline import load_pipeline
 
-    dit = DiTPipeline(transformer=DiTTransformer2DModel(
-        num_attention_heads=2, attention_head_dim=4, in_channels=4, out_channels=8, num_layers=1, sample_size=8,
-        patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4), vae=AutoencoderKL(
-        block_out_channels=(8,), norm_num_groups=4, latent_channels=4), scheduler=DDIMScheduler())
+    dit = tiny_dit_pipe()
     dit.save_pretrained(tmp_path / "dit")
     with pytest.raises(UnsupportedBaseError) as err:
         load_pipeline(tmp_path / "dit")
