@@ -170,11 +170,20 @@ def test_a_transformer_pipeline_is_refused_naming_the_families(tmp_path):
 def test_bfloat16_base_trains_float32_masters_against_exact_base_values(tmp_path):
     from erasure.pack import fingerprint
 
+    rounded = tiny_sdxl_pipe(tmp_path).unet  # the same weights, rounded to bfloat16, computed in float32
+    for p in rounded.parameters():
+        p.data = p.data.bfloat16().float()
     pipe = tiny_sdxl_pipe(tmp_path).to(torch.bfloat16)
     base = {n: p.detach().clone() for n, p in pipe.unet.named_parameters()}
     cfg = ESDConfig(concepts=["circle"], iterations=2, gradient_checkpointing=True, **TINY)
     trainer = ESDTrainer(pipe, cfg, progress=False)
     assert all(p.dtype == torch.float32 for p in trainer.trainable.values())
+    assert all(p.dtype == torch.bfloat16 for n, p in trainer.frozen.named_parameters())
+    # on a CPU the half-precision weights stay in memory and each layer computes in float32
+    x, t, c = torch.randn(2, 4, 8, 8), trainer.timesteps[[0, 1]], trainer.encode(["a red circle"] * 2)
+    with torch.no_grad():
+        expected = rounded(x, t, **c.unet_kwargs()).sample
+    torch.testing.assert_close(trainer.predict(trainer.frozen, x, t, c), expected, rtol=1e-4, atol=1e-5)
     assert all(p.dtype == torch.bfloat16 for n, p in trainer.frozen.named_parameters())
     untouched = [n for n in base if n not in trainer.trainable]
     params = dict(trainer.unet.named_parameters())
