@@ -25,15 +25,19 @@ from .pack import BaseWeights, ConceptPack
 PackSpec = tuple[ConceptPack, float]
 
 
+def composed_value(base: dict[str, torch.Tensor], packs: Sequence[PackSpec], name: str) -> torch.Tensor:
+    """float32 theta* + sum s_i Delta_i of one tensor."""
+    out = base[name].detach().to(torch.float32, copy=True)
+    for pack, scale in packs:
+        if name in pack.delta:
+            out.add_(pack.delta[name].to(out.device, torch.float32), alpha=float(scale))
+    return out
+
+
 def composed_values(base: dict[str, torch.Tensor], packs: Sequence[PackSpec]) -> dict[str, torch.Tensor]:
     """float32 theta* + sum s_i Delta_i for every tensor any pack touches."""
-    out: dict[str, torch.Tensor] = {}
-    for pack, scale in packs:
-        for name, delta in pack.delta.items():
-            if name not in out:
-                out[name] = base[name].detach().to(torch.float32, copy=True)
-            out[name].add_(delta.to(out[name].device, torch.float32), alpha=float(scale))
-    return out
+    names = dict.fromkeys(name for pack, _ in packs for name in pack.delta)
+    return {name: composed_value(base, packs, name) for name in names}
 
 
 def compose_unet(base, packs: Sequence[PackSpec]) -> nn.Module:
@@ -53,9 +57,9 @@ def compose_unet(base, packs: Sequence[PackSpec]) -> nn.Module:
     memo.update({id(b): b for _, b in base.module.named_buffers()})
     clone = copy.deepcopy(base.module, memo)
     params = dict(clone.named_parameters())
-    with torch.no_grad():
-        for name, value in composed_values(base.state, packs).items():
-            params[name].copy_(value.to(params[name].dtype))
+    with torch.no_grad():  # one tensor at a time: a float32 copy of every touched tensor at once is GBs at SDXL size
+        for name in dict.fromkeys(name for pack, _ in packs for name in pack.delta):
+            params[name].copy_(composed_value(base.state, packs, name).to(params[name].dtype))
     return clone
 
 
