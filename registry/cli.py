@@ -16,13 +16,22 @@ def _registry(args):
     return open_registry(endpoint=args.endpoint, registry_dir=args.registry)
 
 
-def _base(base: str | None):
-    if not base:
+def _base(args):
+    if not args.base:
         return None
+    import torch
+
     from erasure.pack import BaseWeights
     from erasure.pipeline import load_pipeline
 
-    return BaseWeights(load_pipeline(base).unet)
+    return BaseWeights(load_pipeline(args.base, dtype=getattr(torch, args.base_dtype)).unet)
+
+
+def add_base_check(p) -> None:
+    p.add_argument("--base", default=None,
+                   help="refuse the pack unless it fits this base ('toy', a pipeline directory or a Hub id)")
+    p.add_argument("--base-dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="dtype to load --base in: the one the packs were trained on (default float32)")
 
 
 def cmd_push(args) -> None:
@@ -42,7 +51,7 @@ def cmd_pull(args) -> None:
 
         lock = LockFile.load(args.lock, missing_ok=True)  # a malformed lock fails before any download
     reg = _registry(args)
-    pulled = reg.pull(repo, revision, to=Path(args.to) if args.to else None, base=_base(args.base))
+    pulled = reg.pull(repo, revision, to=Path(args.to) if args.to else None, base=_base(args))
     print(f"{pulled.repo}@{pulled.commit_sha}")
     print(f"verified {len(pulled.files)} files (sha256 against the manifest and the registry)"
           + (f"; wrote {pulled.path}" if args.to else f"; at {pulled.path}"))
@@ -79,7 +88,7 @@ def cmd_lock(args) -> None:
     specs = [parse_spec(s) for s in args.specs]
     lock = LockFile.load(args.lock, missing_ok=True)
     reg = _registry(args)
-    base = _base(args.base)
+    base = _base(args)
     seen: dict[str, str] = {}
     for repo, revision in specs:
         pulled = reg.pull(repo, revision, base=base)  # into the cache, verified
@@ -150,8 +159,7 @@ def add_commands(sub, parser_class) -> None:
     p.add_argument("spec", metavar="NS/NAME[@REV]", help="REV: a branch, tag or 40-hex sha (default main)")
     p.add_argument("--to", default=None, metavar="DIR",
                    help="write the verified pack here (else: print its cache path)")
-    p.add_argument("--base", default=None,
-                   help="refuse the pack unless it fits this base ('toy', a pipeline directory or a Hub id)")
+    add_base_check(p)
     p.add_argument("--lock", default=None, metavar="FILE", help="record the pinned pack in this lock file (packs.lock)")
     p.add_argument("--name", default=None, help="name of the pack in the lock (default: the manifest's name)")
     add_where(p)
@@ -165,7 +173,7 @@ def add_commands(sub, parser_class) -> None:
     p = sub.add_parser("lock", help="resolve packs to commit shas, verify them, and write packs.lock")
     p.add_argument("specs", nargs="+", metavar="NS/NAME[@REV]")
     p.add_argument("--lock", default="packs.lock", metavar="FILE", help="lock file to write (default packs.lock)")
-    p.add_argument("--base", default=None, help="refuse packs that do not fit this base")
+    add_base_check(p)
     add_where(p)
     p.set_defaults(func=cmd_lock)
 
