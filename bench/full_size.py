@@ -6,6 +6,8 @@ own. Run under the shared lock (it needs up to ~20 GiB):
     flock /work/helpers/heavy.lock python bench/full_size.py --arch sdxl --dtype bfloat16
 
 Parts (``--part``, default all):
+    sizes     parameters touched, pack MB per method and delta dtype, MB per pack set: exact shapes from the UNet
+              built on the meta device (seconds, no memory, no lock needed)
     build     the random-weight pipeline, saved as a diffusers directory (the load below reads it back)
     base      load time and peak RSS (`load_base`), parameters per method, base fingerprint s per method, pack MB
               per method and delta dtype (esd-x packs written; esd-u from the same size formula, checked against
@@ -141,6 +143,31 @@ def safetensors_bytes(shapes: dict[str, tuple], itemsize: int, dtype: str) -> in
         offset += size
     text = len(json.dumps(header, separators=(",", ":")))
     return 8 + text + (-text) % 8 + offset
+
+
+def part_sizes(args) -> dict:
+    """Parameters touched and pack / pack-set sizes per method, from the UNet built on the meta device (exact
+    shapes, no memory: runs anywhere in seconds)."""
+    from diffusers import UNet2DConditionModel
+
+    from erasure.methods import select_parameters
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**ARCHS[args.arch]["unet"])
+    state = dict(unet.named_parameters())
+    total = sum(p.numel() for p in state.values())
+    out = {"unet_parameters_m": round(total / 1e6, 1), "methods": {}}
+    for method in METHODS:
+        names = select_parameters(unet, method)
+        numel = sum(state[n].numel() for n in names)
+        shapes = {n: tuple(state[n].shape) for n in names}
+        out["methods"][method] = {
+            "tensors": len(names), "parameters_m": round(numel / 1e6, 1), "share_of_unet": round(numel / total, 3),
+            "pack_mb": {d: round(safetensors_bytes(shapes, size, code) / MB, 1)
+                        for d, size, code in (("float32", 4, "F32"), ("float16", 2, "F16"), ("bfloat16", 2, "BF16"))},
+            # a pack set's UNet holds its touched tensors in the model dtype; everything else is the base's
+            "pack_set_mb": {"float32_base": round(numel * 4 / MB, 1), "half_base": round(numel * 2 / MB, 1)}}
+    return out
 
 
 def part_base(args) -> dict:
@@ -281,17 +308,17 @@ def main() -> None:
     ap.add_argument("--ddim-steps", type=int, default=2, help="sampling steps of the one pool refresh timed")
     ap.add_argument("--steps", type=int, default=2, help="optimizer steps timed after the first")
     ap.add_argument("--no-checkpointing", action="store_true")
-    ap.add_argument("--part", default="all", choices=["all", "build", "base", "train-esd-x", "train-esd-u"])
+    ap.add_argument("--part", default="all", choices=["all", "sizes", "build", "base", "train-esd-x", "train-esd-u"])
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     args.work.mkdir(parents=True, exist_ok=True)
     if args.child:
-        part = {"build": part_build, "base": part_base}.get(args.part)
+        part = {"build": part_build, "base": part_base, "sizes": part_sizes}.get(args.part)
         result = part(args) if part else part_train(args, args.part.removeprefix("train-"))
         print(json.dumps(result))
         return
-    parts = ["build", "base", "train-esd-x", "train-esd-u"] if args.part == "all" else [args.part]
+    parts = ["sizes", "build", "base", "train-esd-x", "train-esd-u"] if args.part == "all" else [args.part]
     if args.part == "all" and (args.work / args.arch / "model_index.json").exists():
         parts.remove("build")
     report = {"arch": args.arch, "dtype": args.dtype, "threads": args.threads, "cpu": platform.processor() or
