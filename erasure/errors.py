@@ -31,3 +31,7 @@ class PackIntegrityError(PackError):
 
 class PackMismatchError(PackError):
     """The pack was built for another base: its touched tensors differ in name, shape or value."""
+
+
+class ExportError(ErasureError):
+    """A pack cannot be written in the format asked for (e.g. a delta a LoRA cannot express)."""
