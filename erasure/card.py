@@ -78,3 +78,54 @@ def render_card(manifest: "Manifest") -> str:
         n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"),
     )
     return str(card)
+
+
+EXPORT_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ name }}{% if kind == "lora" %} as a LoRA (rank {{ rank }}){% else %} merged into `{{ base.id }}`{% endif %}: erases {{ concepts }}
+
+Exported by `erasure export --format {{ kind }}` from the concept pack `{{ name }}` (ESD {{ t.method }}, base
+`{{ base.id }}`{% if base.revision %} at revision `{{ base.revision }}`{% endif %}, base fingerprint `{{ base.fingerprint[:16] }}`).
+{% if kind == "lora" %}
+{{ n_modules }} UNet modules, rank {{ rank }} per module (a module keeps its full rank where that is smaller), alpha =
+rank (scale 1). The factors reproduce the pack's weight deltas with a relative Frobenius error of
+{{ "%.2f" % (100 * error) }} %.
+{%- if lora_bias %} Bias deltas are in `lora_B.bias` (peft `lora_bias`): diffusers loads them, but peft refuses
+`fuse_lora()` on targeted layers without a bias.{% endif %}
+{%- if dropped %} Not carried: {{ dropped | length }} bias deltas (exported without biases).{% endif %}
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("{{ base.id }}")
+pipe.load_lora_weights("<this directory or repository>")   # needs peft
+```
+{% else %}
+A full diffusers pipeline: the base with θ = θ* + Δ composed in float32.
+
+```python
+from diffusers import DiffusionPipeline
+
+pipe = DiffusionPipeline.from_pretrained("<this directory or repository>")
+```
+{% endif %}"""
+
+
+def render_export_card(manifest: "Manifest", kind: str, rank=None, weights=None) -> str:
+    """The model card of an ``erasure export``: a LoRA (``weights``: its LoraWeights) or a merged pipeline."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    t, base = manifest.training, manifest.base
+    tags = [PACK_TAG, "esd", t.method, "text-to-image", "diffusers"] + (["lora"] if kind == "lora" else [])
+    data = ModelCardData(library_name="diffusers", license=LICENSE,
+                         base_model=base.id if HUB_ID.match(base.id) else None, tags=tags,
+                         pipeline_tag="text-to-image")
+    card = ModelCard.from_template(
+        data, template_str=EXPORT_TEMPLATE, name=manifest.name, kind=kind, rank=rank, t=t, base=base,
+        concepts=", ".join(f"`{c}`" for c in t.concepts), n_modules=len(weights.ranks) if weights else 0,
+        error=weights.relative_error if weights else 0.0, lora_bias=bool(weights and weights.config["lora_bias"]),
+        dropped=weights.dropped if weights else (),
+    )
+    return str(card)
