@@ -212,6 +212,44 @@ def cmd_train(args) -> None:
             print(f"  {concept}: {row['base']:.1%} -> {row['erased']:.1%} (oracle, train templates)")
 
 
+def cmd_export(args) -> None:
+    from .export import FORMATS, check_out, parse_rank
+
+    if args.format not in FORMATS:
+        raise InvalidArgumentError(f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
+    if args.format == "merged" and (args.rank is not None or not args.biases):
+        raise InvalidArgumentError("--rank and --no-biases apply to --format lora; a merged pipeline holds the "
+                                   "pack exactly")
+    rank = parse_rank(args.rank) if args.rank is not None else None
+    out = check_out(args.out)  # before any pack or model is loaded
+    [(pack, scale)] = load_packs([args.pack])
+    if scale != 1.0:
+        raise InvalidArgumentError(f"export writes the pack at scale 1; drop ':{scale:g}' and scale the LoRA when "
+                                   f"loading it (pipe.set_adapters(..., adapter_weights={scale:g}))")
+    base = None
+    if args.format == "merged" or args.base is not None:  # a LoRA needs no base; one given is checked
+        from .pipeline import load_pipeline
+
+        ref = pack.manifest.base
+        base = load_pipeline(args.base or ref.id, revision=args.revision if args.base else ref.revision)
+        pack.verify_against(base.unet)
+    if args.format == "lora":
+        from .export import DEFAULT_RANK, save_lora
+
+        export = save_lora(pack, out, rank=rank or DEFAULT_RANK, biases=args.biases)
+        lora = export.lora
+        biases = ("bias deltas in lora_B.bias" if lora.config["lora_bias"]
+                  else f"{len(lora.dropped)} bias deltas dropped" if lora.dropped else "no bias deltas")
+        print(f"wrote LoRA of pack {pack.name!r} to {export.path}: rank {rank or DEFAULT_RANK}, {len(lora.ranks)} "
+              f"modules, {export.size_bytes / 1e6:.2f} MB, relative error {lora.relative_error:.2%} ({biases})")
+    else:
+        from .export import save_merged
+
+        export = save_merged(pack, base, out)
+        print(f"wrote pipeline {args.base or pack.manifest.base.id} + pack {pack.name!r} to {export.path}: "
+              f"{len(export.files)} files, {export.size_bytes / 1e6:.1f} MB")
+
+
 def cmd_toy_build(args) -> None:
     import torch
 
@@ -288,6 +326,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=None,
                    help="images for the pack's quick oracle evaluation (toy base only; default 100, 0 to skip)")
     p.set_defaults(func=cmd_train)
+
+    from .export import DEFAULT_RANK, FORMATS
+
+    p = sub.add_parser("export", help="write a pack as a LoRA (diffusers/peft) or as a merged diffusers pipeline",
+                       description="--format lora: pytorch_lora_weights.safetensors that plain diffusers loads with "
+                                   "pipe.load_lora_weights(DIR) (peft installed); --format merged: the base pipeline "
+                                   "with the pack composed, for DiffusionPipeline.from_pretrained(DIR).")
+    p.add_argument("pack", help="a pack directory or NS/NAME[@REV]")
+    p.add_argument("--format", default="lora", metavar="{" + ",".join(FORMATS) + "}", help="(default lora)")
+    p.add_argument("--rank", default=None, metavar="R",
+                   help=f"LoRA rank per tensor: a positive integer (a tensor of lower rank keeps its own) or 'full' "
+                        f"(exact; default {DEFAULT_RANK}: see docs/export.md)")
+    p.add_argument("--biases", action=argparse.BooleanOptionalAction, default=True,
+                   help="carry bias deltas in lora_B.bias (exact, but peft then refuses fuse_lora(); default on)")
+    p.add_argument("--out", required=True, help="directory to create (new or empty)")
+    p.add_argument("--base", default=None,
+                   help="base pipeline: 'toy', a directory or a Hub id (default: the pack's own base; a LoRA needs "
+                        "none, and one given is checked against the pack)")
+    p.add_argument("--revision", default=None, help="Hub revision of --base")
+    p.set_defaults(func=cmd_export)
 
     toy = sub.add_parser("toy", help="the toy world (embedded default)").add_subparsers(
         dest="toy_command", required=True, parser_class=_Parser)
