@@ -99,7 +99,7 @@ rank (scale 1). The factors reproduce the pack's weight deltas with a relative F
 ```python
 from diffusers import DiffusionPipeline
 
-pipe = DiffusionPipeline.from_pretrained("{{ base.id }}")
+pipe = DiffusionPipeline.from_pretrained("{{ base_src }}")
 pipe.load_lora_weights("<this directory or repository>")   # needs peft
 ```
 {% else %}
@@ -124,6 +124,7 @@ def render_export_card(manifest: "Manifest", kind: str, rank=None, weights=None)
                          pipeline_tag="text-to-image")
     card = ModelCard.from_template(
         data, template_str=EXPORT_TEMPLATE, name=manifest.name, kind=kind, rank=rank, t=t, base=base,
+        base_src=base.id if HUB_ID.match(base.id) else f"<the directory of base {base.id!r}>",
         concepts=", ".join(f"`{c}`" for c in t.concepts), n_modules=len(weights.ranks) if weights else 0,
         error=weights.relative_error if weights else 0.0, lora_bias=bool(weights and weights.config["lora_bias"]),
         dropped=weights.dropped if weights else (),
