@@ -7,11 +7,12 @@ error. A rank *holds* for a pack when, on every split, its erased concept's accu
 points and the mean accuracy of all other concepts is at least the pack's - 2 points.
 
     python bench/lora_fidelity.py [--packs toy/circle@v3 ...] [--ranks 1 4 16 full] [--no-bias-variant]
-        [--samples 200] [--json build/lora_fidelity.json]
+        [--samples 100] [--json build/lora_fidelity.json]
 """
 
 import argparse
 import json
+import math
 import platform
 import shutil
 import time
@@ -56,12 +57,36 @@ def holds(variant: dict, pack: dict) -> bool:
     return True
 
 
+def markdown(results: dict) -> str:
+    """The table of docs/export.md from a results JSON."""
+    def pct(x):
+        return f"{100 * x:.1f} %" if x == x else "n/a"
+
+    def cells(s):
+        splits = [k for k in s if k in ("train", "heldout")]
+        erased = " / ".join(", ".join(f"{pct(v)}" for v in s[k]["erased"].values()) for k in splits)
+        mean = " / ".join(pct(s[k]["others_mean"]) for k in splits)
+        low = " / ".join(f"{s[k]['others_lowest']['concept']} {s[k]['others_lowest']['ratio']:.0%}" for k in splits)
+        return erased, mean, low
+
+    rows = ["| pack | export | erased concept, train / held-out | other concepts, mean | lowest other (% of base) "
+            "| rel. error | file | holds |", "|---|---|---|---|---|---:|---:|---|"]
+    for spec, e in results["packs"].items():
+        rows.append(f"| `{spec}` {e['method']} | the pack | {' | '.join(cells(e['pack']))} | 0 | "
+                    f"{(e['delta_file_bytes'] or e['delta_bytes']) / 1e6:.2f} MB | |")
+        for label, v in e["lora"].items():
+            rows.append(f"| | LoRA {label} | {' | '.join(cells(v))} | {100 * v['relative_error']:.1f} % | "
+                        f"{v['file_bytes'] / 1e6:.2f} MB | {'yes' if v['holds'] else '**no**'} |")
+    return "\n".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier run's JSON")
     ap.add_argument("--packs", nargs="+", default=SHIPPED)
     ap.add_argument("--ranks", nargs="+", type=parse_rank, default=[1, 4, 16, "full"])
     ap.add_argument("--no-bias-variant", action="store_true", help="also evaluate the full-rank LoRA without biases")
-    ap.add_argument("--samples", type=int, default=200)
+    ap.add_argument("--samples", type=int, default=100, help="prompts per template split (default 100)")
     ap.add_argument("--splits", nargs="+", default=["train", "heldout"])
     ap.add_argument("--steps", type=int, default=TOY_DEFAULTS["steps"])
     ap.add_argument("--guidance", type=float, default=TOY_DEFAULTS["guidance"])
@@ -71,6 +96,9 @@ def main():
     ap.add_argument("--work", default="build/lora_fidelity", help="where the exports are written")
     ap.add_argument("--json", default="build/lora_fidelity.json")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.table).read_text())))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = dict(samples=args.samples, splits=args.splits, seed=args.seed, steps=args.steps,
@@ -89,7 +117,9 @@ def main():
         delta_bytes = sum(t.numel() * t.element_size() for t in pack.delta.values())
         pack_summary = summary(comparison(base, evaluate(with_packs(load_pipeline("toy"), [(pack, 1.0)]), oracle,
                                                          **settings), concepts))
-        entry = {"method": pack.training.method, "delta_bytes": delta_bytes, "pack": pack_summary, "lora": {}}
+        delta_file = pack.path / "delta.safetensors" if pack.path else None
+        entry = {"method": pack.training.method, "delta_bytes": delta_bytes, "pack": pack_summary, "lora": {},
+                 "delta_file_bytes": delta_file.stat().st_size if delta_file and delta_file.exists() else None}
         variants = [(rank, True) for rank in args.ranks] + ([("full", False)] if args.no_bias_variant else [])
         for rank, biases in variants:
             label = f"{rank}" + ("" if biases else "-no-bias")
@@ -108,13 +138,20 @@ def main():
                 "export_seconds": round(export_s, 2), "holds": holds(s, pack_summary), **s,
             }
             print(json.dumps({"pack": spec, "variant": label, **entry["lora"][label]}), flush=True)
-        results["packs"][spec] = entry
-    held = [r for r in args.ranks if all(e["lora"][str(r)]["holds"] for e in results["packs"].values())]
+            results["packs"][spec] = entry
+            save(results, args.json)  # after every variant: an interrupted run keeps what it measured
+    ranks = sorted(args.ranks, key=lambda r: math.inf if r == "full" else r)
+    held = [r for r in ranks if all(e["lora"][str(r)]["holds"] for e in results["packs"].values())]
     results["smallest_rank_that_holds"] = held[0] if held else None
     results["seconds"] = round(time.perf_counter() - start, 1)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(results, indent=2))
+    save(results, args.json)
     print(json.dumps(results, indent=2))
+    print(markdown(results))
+
+
+def save(results: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
