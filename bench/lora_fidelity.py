@@ -7,7 +7,7 @@ error. A rank *holds* for a pack when, on every split, its erased concept's accu
 points and the mean accuracy of all other concepts is at least the pack's - 2 points.
 
     python bench/lora_fidelity.py [--packs toy/circle@v3 ...] [--ranks 1 4 16 full] [--no-bias-variant]
-        [--samples 100] [--json build/lora_fidelity.json]
+        [--samples 100] [--json build/lora_fidelity.json] [--sizes-only]
 """
 
 import argparse
@@ -85,6 +85,7 @@ def main():
     ap.add_argument("--table", metavar="JSON", help="only print the markdown table of an earlier run's JSON")
     ap.add_argument("--packs", nargs="+", default=SHIPPED)
     ap.add_argument("--ranks", nargs="+", type=parse_rank, default=[1, 4, 16, "full"])
+    ap.add_argument("--sizes-only", action="store_true", help="only export: file sizes and relative errors, no eval")
     ap.add_argument("--no-bias-variant", action="store_true", help="also evaluate the full-rank LoRA without biases")
     ap.add_argument("--samples", type=int, default=100, help="prompts per template split (default 100)")
     ap.add_argument("--splits", nargs="+", default=["train", "heldout"])
@@ -107,7 +108,7 @@ def main():
     work.mkdir(parents=True, exist_ok=True)
     oracle = Oracle.load()
     start = time.perf_counter()
-    base = evaluate(load_pipeline("toy"), oracle, **settings)
+    base = None if args.sizes_only else evaluate(load_pipeline("toy"), oracle, **settings)
     results = {"settings": {k: v for k, v in settings.items() if k != "progress"},
                "criterion": {"erased_slack": ERASED_SLACK, "others_slack": OTHERS_SLACK},
                "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "packs": {}}
@@ -115,8 +116,8 @@ def main():
         [(pack, _)] = load_packs([spec])
         concepts = pack.concepts
         delta_bytes = sum(t.numel() * t.element_size() for t in pack.delta.values())
-        pack_summary = summary(comparison(base, evaluate(with_packs(load_pipeline("toy"), [(pack, 1.0)]), oracle,
-                                                         **settings), concepts))
+        pack_summary = None if args.sizes_only else summary(comparison(
+            base, evaluate(with_packs(load_pipeline("toy"), [(pack, 1.0)]), oracle, **settings), concepts))
         delta_file = pack.path / "delta.safetensors" if pack.path else None
         entry = {"method": pack.training.method, "delta_bytes": delta_bytes, "pack": pack_summary, "lora": {},
                  "delta_file_bytes": delta_file.stat().st_size if delta_file and delta_file.exists() else None}
@@ -129,24 +130,26 @@ def main():
             t0 = time.perf_counter()
             export = save_lora(pack, out, rank=rank, biases=biases)
             export_s = time.perf_counter() - t0
-            pipe = load_pipeline("toy")
-            pipe.load_lora_weights(str(out))  # plain diffusers + peft, as a user would
-            s = summary(comparison(base, evaluate(pipe, oracle, **settings), concepts))
             entry["lora"][label] = {
                 "rank": rank, "biases": biases, "file_bytes": export.files["pytorch_lora_weights.safetensors"],
                 "parameters": export.lora.num_parameters, "relative_error": export.lora.relative_error,
-                "export_seconds": round(export_s, 2), "holds": holds(s, pack_summary), **s,
+                "export_seconds": round(export_s, 2),
             }
+            if not args.sizes_only:
+                pipe = load_pipeline("toy")
+                pipe.load_lora_weights(str(out))  # plain diffusers + peft, as a user would
+                s = summary(comparison(base, evaluate(pipe, oracle, **settings), concepts))
+                entry["lora"][label].update(holds=holds(s, pack_summary), **s)
             print(json.dumps({"pack": spec, "variant": label, **entry["lora"][label]}), flush=True)
             results["packs"][spec] = entry
             save(results, args.json)  # after every variant: an interrupted run keeps what it measured
-    ranks = sorted(args.ranks, key=lambda r: math.inf if r == "full" else r)
-    held = [r for r in ranks if all(e["lora"][str(r)]["holds"] for e in results["packs"].values())]
-    results["smallest_rank_that_holds"] = held[0] if held else None
     results["seconds"] = round(time.perf_counter() - start, 1)
+    if not args.sizes_only:
+        ranks = sorted(args.ranks, key=lambda r: math.inf if r == "full" else r)
+        held = [r for r in ranks if all(e["lora"][str(r)]["holds"] for e in results["packs"].values())]
+        results["smallest_rank_that_holds"] = held[0] if held else None
+        print(markdown(results))
     save(results, args.json)
-    print(json.dumps(results, indent=2))
-    print(markdown(results))
 
 
 def save(results: dict, path: str) -> None:

@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pack", help="a pack directory or NS/NAME[@REV]")
     p.add_argument("--format", default="lora", metavar="{" + ",".join(FORMATS) + "}", help="(default lora)")
     p.add_argument("--rank", default=None, metavar="R",
-                   help=f"LoRA rank per tensor: a positive integer (a tensor of lower rank keeps its own) or 'full' "
-                        f"(exact; default {DEFAULT_RANK}: see docs/export.md)")
+                   help=f"LoRA rank per module: a positive integer (a module of lower rank keeps its own) or 'full' "
+                        f"(exact) (default {DEFAULT_RANK}; see docs/export.md)")
     p.add_argument("--biases", action=argparse.BooleanOptionalAction, default=True,
                    help="carry bias deltas in lora_B.bias (exact, but peft then refuses fuse_lora(); default on)")
     p.add_argument("--out", required=True, help="directory to create (new or empty)")
