@@ -128,7 +128,8 @@ def lora_state_dict(pack: "ConceptPack", rank: Rank = DEFAULT_RANK, biases: bool
     for name, tensor in pack.delta.items():
         module, _, kind = name.rpartition(".")
         if kind not in ("weight", "bias") or not module:
-            raise ExportError(f"pack {pack.name!r}: tensor {name} is neither a weight nor a bias; a LoRA cannot hold it")
+            raise ExportError(f"pack {pack.name!r}: tensor {name} is neither a weight nor a bias; a LoRA cannot "
+                              f"hold it")
         modules[module][kind] = tensor
     for module, parts in modules.items():
         if "weight" not in parts:
