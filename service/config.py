@@ -87,6 +87,15 @@ class ServiceConfig(BaseModel):
                                                                                 "start-up (optional names)")
     pack_set_cache: int = Field(8, ge=0, description="pack-set UNets kept beyond the precomposed ones (LRU)")
     torch_threads: int | None = Field(None, ge=1, description="torch.set_num_threads at start-up; None: torch's")
+    batching: bool = Field(True, description="concurrent requests share UNet calls, any pack sets mixed (see "
+                                             "'Batching'); false: one pipeline call per image, byte-identical to "
+                                             "the request served alone")
+    max_batch_size: int = Field(16, ge=1, description="most images in flight in one batch (a guided image is two "
+                                                      "UNet rows)")
+    max_latency_ms: float = Field(5.0, ge=0, description="how long an idle batcher waits for more requests before "
+                                                         "it starts a batch")
+    continuous: bool = Field(True, description="requests join a running batch at a step boundary; false: a batch "
+                                               "runs to its end before the next one forms")
 
     source_path: Path | None = Field(None, exclude=True, description="(set by load) the file this came from")
 
@@ -110,6 +119,9 @@ class ServiceConfig(BaseModel):
             value, most = getattr(self, default), getattr(self.limits, limit)
             if value is not None and value > most:
                 raise ValueError(f"{default} {value} is above limits.{limit} {most}")
+        if self.batching and self.max_batch_size < self.limits.max_images:
+            raise ValueError(f"max_batch_size ({self.max_batch_size}) must be at least limits.max_images "
+                             f"({self.limits.max_images}): a request's images run in one batch")
         return self
 
     @property

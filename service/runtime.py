@@ -146,6 +146,11 @@ class Runtime:
         self.cache = PackSetCache(self.base, self.packs, config.pack_set_cache)
         self._local = threading.local()
         self.precompose_seconds = self._precompose()
+        self.batcher = None
+        if config.batching:
+            from .batcher import Batcher
+
+            self.batcher = Batcher(self.pipe, config.max_batch_size, config.max_latency_ms, config.continuous)
 
     # --- start-up -----------------------------------------------------------------------------------------------
 
@@ -244,6 +249,20 @@ class Runtime:
         base = self.pipe
         return share_pipeline(base, unet=unet, scheduler=type(base.scheduler).from_config(base.scheduler.config),
                               **self._tokenizers())
+
+    def submit(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
+               width: int, height: int, seeds: list[int]):
+        """Queue a request for the batcher (``batching: true``): the job (its ``future`` gives the images) and
+        whether this call composed its pack set. Image i depends only on this request (see service/README.md)."""
+        from .batcher import Job
+
+        unet, built = self.cache.get(key)
+        job = Job(prompt, negative_prompt, list(seeds), steps, guidance, height, width, unet)
+        return self.batcher.submit(job), built
+
+    def close(self) -> None:
+        if self.batcher is not None:
+            self.batcher.close()
 
     def generate(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
                  width: int, height: int, seeds: list[int]) -> tuple[list, bool]:

@@ -7,13 +7,17 @@ fingerprint) and composes the known pack sets; any refusal stops the service bef
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import functools
 import io
 import logging
 import time
 import typing as t
+from http import HTTPStatus
 from pathlib import Path
 
+import anyio
 import bentoml
 from PIL import Image
 from pydantic import ValidationError
@@ -49,6 +53,10 @@ def _get_metrics() -> dict[str, t.Any]:
         _metrics["compose"] = prom.Histogram("erasure_pack_set_compose_seconds", "Time to compose one pack-set UNet",
                                              labelnames=["when"],
                                              buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        _metrics["batch"] = prom.Histogram("erasure_batch_images", "Images in one batched UNet step",
+                                           buckets=(1, 2, 4, 8, 12, 16, 24, 32, 48, 64))
+        _metrics["left"] = prom.Counter("erasure_requests_left", "Requests whose client left (disconnected or "
+                                                                 "timed out) before their images were ready")
     return _metrics
 
 
@@ -58,6 +66,12 @@ def _request_error(problems: list[tuple[str, str]]) -> ValidationError:
     bare list)."""
     return ValidationError.from_exception_data("GenerateRequest", [
         {"type": PydanticCustomError("limit", msg), "loc": (field,), "input": None} for field, msg in problems])
+
+
+class ClientGone(bentoml.exceptions.BentoMLException):
+    """The client went away while its request waited in the batch (nobody reads this answer)."""
+
+    error_code = HTTPStatus.REQUEST_TIMEOUT
 
 
 # Routes BentoML does not make: GET /packs (its API routes are POST only; POST /packs is the same listing, for
@@ -124,6 +138,9 @@ class ErasureService:
         metrics = _get_metrics()
         for entry in rt.cache.stats():
             metrics["compose"].labels(when="startup").observe(entry["build_seconds"])
+        if rt.batcher is not None:
+            rt.batcher.on_step = metrics["batch"].observe
+        self._limiter: anyio.CapacityLimiter | None = None  # batching off: `threads` generations at a time
         logger.info("erasure service ready: base %s on %s, packs %s (mandatory %s), %d pack sets precomposed in "
                     "%.2f s", CONFIG.base, rt.device, sorted(rt.packs), list(rt.mandatory), len(rt.cache.stats()),
                     rt.precompose_seconds)
@@ -133,13 +150,17 @@ class ErasureService:
     def __is_ready__(self) -> bool:
         return self._ready
 
+    @bentoml.on_shutdown
+    def _close(self) -> None:
+        self.runtime.close()
+
     # --- APIs ---------------------------------------------------------------------------------------------------
 
     @bentoml.api(input_spec=GenerateRequest)
-    def generate(self, ctx: bentoml.Context, **fields: t.Any) -> Image.Image:
+    async def generate(self, ctx: bentoml.Context, **fields: t.Any) -> Image.Image:
         """One PNG (num_images > 1: the images side by side in one PNG, image i from seed + i). Headers:
         X-Erasure-Packs, X-Erasure-Pack-Shas, X-Erasure-Seed, X-Erasure-Seeds, X-Erasure-Mandatory, X-Erasure-Worker."""
-        result = self._generate(GenerateRequest.model_construct(**fields))
+        result = await self._generate(GenerateRequest.model_construct(**fields), ctx.request)
         images = result.pop("pil")
         ctx.response.headers.update({
             "X-Erasure-Packs": ",".join(result["packs"]),
@@ -160,15 +181,19 @@ class ErasureService:
         return grid
 
     @bentoml.api(input_spec=GenerateRequest)
-    def generate_json(self, **fields: t.Any) -> GenerateResponse:
+    async def generate_json(self, ctx: bentoml.Context, **fields: t.Any) -> GenerateResponse:
         """The images as base64 PNGs, with the seeds, packs, pinned shas and settings used."""
-        result = self._generate(GenerateRequest.model_construct(**fields))
-        images = []
-        for im in result.pop("pil"):
-            buf = io.BytesIO()
-            im.save(buf, format="PNG")
-            images.append(base64.b64encode(buf.getvalue()).decode())
-        return GenerateResponse(images=images, **result)
+        result = await self._generate(GenerateRequest.model_construct(**fields), ctx.request)
+
+        def encode(pil: list[Image.Image]) -> list[str]:
+            images = []
+            for im in pil:
+                buf = io.BytesIO()
+                im.save(buf, format="PNG")
+                images.append(base64.b64encode(buf.getvalue()).decode())
+            return images
+
+        return GenerateResponse(images=await anyio.to_thread.run_sync(encode, result.pop("pil")), **result)
 
     @bentoml.api(route="/packs")
     def packs(self) -> PacksResponse:
@@ -233,14 +258,21 @@ class ErasureService:
             raise _request_error(problems)
         return s
 
-    def _generate(self, req: GenerateRequest) -> dict[str, t.Any]:
+    async def _generate(self, req: GenerateRequest, request: Request | None = None) -> dict[str, t.Any]:
         s = self._settings(req)
         rt = self.runtime
         key = rt.pack_set(req.packs)
         seeds = [req.seed + i for i in range(req.num_images)]
         t0 = time.perf_counter()
-        images, built = rt.generate(key, req.prompt, req.negative_prompt, s["steps"], s["guidance"], s["width"],
-                                    s["height"], seeds)
+        args = (key, req.prompt, req.negative_prompt, s["steps"], s["guidance"], s["width"], s["height"], seeds)
+        if rt.batcher is None:  # one pipeline call per image in a worker thread, `threads` at a time
+            if self._limiter is None:
+                self._limiter = anyio.CapacityLimiter(self.config.threads)
+            images, built = await anyio.to_thread.run_sync(functools.partial(rt.generate, *args),
+                                                           limiter=self._limiter)
+        else:
+            job, built = await anyio.to_thread.run_sync(functools.partial(rt.submit, *args))  # may compose the set
+            images = await self._wait(job, request)
         seconds = time.perf_counter() - t0
         metrics = _get_metrics()
         for name in key:
@@ -256,6 +288,22 @@ class ErasureService:
                 "prompt": req.prompt, "negative_prompt": req.negative_prompt, "steps": s["steps"],
                 "guidance_scale": s["guidance"], "width": s["width"], "height": s["height"],
                 "pack_set_built": built, "seconds": round(seconds, 4)}
+
+    async def _wait(self, job, request: Request | None) -> list[Image.Image]:
+        """The job's images; if the client disconnects or the request times out (cancelled), the job leaves the
+        batch at the next step so it holds no one up."""
+        future = asyncio.wrap_future(job.future)
+        try:
+            while True:
+                done, _ = await asyncio.wait({future}, timeout=0.25)
+                if done:
+                    return future.result()
+                if request is not None and await request.is_disconnected():
+                    raise ClientGone("the client disconnected before its images were ready")
+        except (asyncio.CancelledError, ClientGone):
+            job.cancel()
+            _get_metrics()["left"].inc()
+            raise
 
 
 # Middlewares run in the order added: access control first (a request without a key learns nothing else),

@@ -1,7 +1,8 @@
 """The BentoML service in-process: ``TestClient(ErasureService.to_asgi())`` (lifespan runs ``__init__``), plus the
 runtime's start-up refusals. Packs are random esd-x deltas built against the real toy base (tests/service_helpers).
 
-Config of the shared service: packs circle, red, striped, square from a test registry; square is mandatory."""
+Config of the shared service: packs circle, red, striped, square from a test registry; square is mandatory;
+`batching: false` (one pipeline call per image: the byte-identical path). Batching: tests/test_service_batching.py."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
 def world(tmp_path_factory, toy_pipe):
     root = tmp_path_factory.mktemp("service-world")
     lock = make_world(root, toy_pipe.unet)
-    config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS,
+    config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS, batching=False,
                           limits={"max_steps": 30, "max_size": 128, "max_images": 4, "max_prompt_chars": 100})
     return {"root": root, "lock": lock, "config": config}
 
