@@ -121,10 +121,11 @@ class BatchDenoiser:
             self._step_group(group)
 
     def _step_group(self, tracks: list[Track]) -> None:
-        order: dict[int, int] = {}  # pack-set UNet -> first position, so each set's rows are adjacent
+        # each pack set's rows adjacent, sets changing the same layers next to each other (stable: arrival order)
+        first: dict[int, int] = {}
         for track in tracks:
-            order.setdefault(id(track.unet), len(order))
-        tracks = sorted(tracks, key=lambda tr: order[id(tr.unet)])
+            first.setdefault(id(track.unet), len(first))
+        tracks = sorted(tracks, key=lambda tr: (self.mixed.order_key(tr.unet), first[id(tr.unet)]))
         samples, times, conds, segments = [], [], [], []
         for track in tracks:
             req, t = track.request, track.timesteps[track.index]

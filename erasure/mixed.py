@@ -83,6 +83,7 @@ class MixedUNet:
         # pack-set UNet -> {layer name: (layer, identity of its weights)} for the layers it changes
         self._changed: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[nn.Module, tuple]]] = \
             weakref.WeakKeyDictionary()
+        self._keys: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
     @property
     def config(self):
@@ -101,6 +102,16 @@ class MixedUNet:
                     found[name] = (module, tuple(p.data_ptr() for p in own))
             self._changed[unet] = found
         return found
+
+    def order_key(self, unet: nn.Module) -> tuple:
+        """Sorting a batch's pack sets by this puts sets that change the same layers next to each other, so a
+        layer runs once over all the rows that share its weights (e.g. the base and esd-x sets, for every layer
+        outside cross-attention)."""
+        key = self._keys.get(unet)
+        if key is None:
+            names = tuple(sorted(self.changed_layers(unet)))
+            key = self._keys[unet] = (len(names), names)
+        return key
 
     def _route_layer(self, name: str) -> None:
         if name in self._routed:

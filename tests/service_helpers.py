@@ -19,8 +19,10 @@ BENTOML = str(Path(sys.executable).parent / "bentoml")
 PACKS = {"circle": ("circle",), "red": ("red",), "striped": ("striped",), "square": ("square",)}
 
 
-def make_world(root: Path, unet, packs: dict[str, tuple] = PACKS, other_base: tuple[str, ...] = ()) -> Path:
-    """root/registry (local registry with test/NAME tag v1), root/packs.lock locking them all; returns the lock."""
+def make_world(root: Path, unet, packs: dict[str, tuple] = PACKS, other_base: tuple[str, ...] = (),
+               methods: dict[str, str] | None = None) -> Path:
+    """root/registry (local registry with test/NAME tag v1), root/packs.lock locking them all; returns the lock.
+    ``methods``: pack -> ESD method of its random delta (default esd-x)."""
     from registry import open_registry
     from registry.lock import LockFile
 
@@ -31,7 +33,9 @@ def make_world(root: Path, unet, packs: dict[str, tuple] = PACKS, other_base: tu
     lock = LockFile(root / "packs.lock")
     for i, (name, concepts) in enumerate(packs.items()):
         pack_dir = root / "src" / name
-        make_pack(pack_dir, unet, name, concepts, seed=i, base_id="toy", other_base=name in other_base)
+        method = (methods or {}).get(name, "esd-x")
+        make_pack(pack_dir, unet, name, concepts, seed=i, base_id="toy", other_base=name in other_base,
+                  method=method, magnitude=3e-3 if method == "esd-u" else 1e-2)
         reg.push(pack_dir, f"test/{name}", tag="v1")
         lock.add(name, reg.pull(f"test/{name}", "v1"), source=str(reg_dir))
     lock.save()

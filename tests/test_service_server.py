@@ -1,6 +1,7 @@
 """The service through a real ``bentoml serve`` subprocess (one per session, shared) and ``bentoml build``.
 
-Same world as tests/test_service.py: packs circle, red, striped, square (mandatory) from a test registry."""
+Same world as tests/test_service.py (packs circle, red, striped, square (mandatory) from a test registry), except
+that square is an esd-u pack (most of the UNet) and the server runs the default, ``batching: true``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from service_helpers import BENTOML, commit_dir, free_port, make_world, serve, s
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
+BOUND = 2  # max abs pixel difference alone vs in a mixed batch (service/README.md, "Batching": measured 1)
 SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
 
 
@@ -28,7 +30,7 @@ def server(tmp_path_factory, toy_pipe):
     import bentoml
 
     root = tmp_path_factory.mktemp("server-world")
-    lock = make_world(root, toy_pipe.unet)
+    lock = make_world(root, toy_pipe.unet, methods={"square": "esd-u"})
     config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS)
     port, log = free_port(), root / "serve.log"
     proc = serve(config, root / "bentoml-home", log, port)
@@ -62,13 +64,92 @@ def test_server_generates_a_png_with_headers(server):
     assert httpx.get(f"{server['url']}/readyz").status_code == 200
 
 
-def test_server_concurrent_requests_match_sequential(server):
-    requests = [{"prompt": ["a red circle", "a blue square"][i % 2], "packs": SETS[i % 4], "seed": i // 4}
+def pixels(content: bytes):
+    import numpy as np
+
+    return np.asarray(Image.open(io.BytesIO(content)).convert("RGB")).astype(np.int16)
+
+
+def batch_sizes(url: str) -> tuple[float, float]:
+    """(images stepped, UNet steps) so far, from the batcher's Prometheus histogram."""
+    text = httpx.get(f"{url}/metrics").text
+    value = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+             if line.startswith(("erasure_batch_images_sum", "erasure_batch_images_count"))}
+    return value.get("erasure_batch_images_sum", 0.0), value.get("erasure_batch_images_count", 0.0)
+
+
+def test_server_mixed_batch_matches_alone_and_mandatory_on_every_row(server):
+    """32 requests over 4 pack sets (the mandatory esd-u square in every row), different guidance and negative
+    prompts, 16 at a time: each image within BOUND of the same request alone; the batches held several images."""
+    import numpy as np
+
+    url = server["url"]
+    requests = [{"prompt": ["a red circle", "a blue square"][i % 2], "packs": SETS[i % 4], "seed": i // 4,
+                 "guidance_scale": [3.0, 6.0, 1.0][i % 3], "negative_prompt": "green" if i % 5 == 0 else None}
                 for i in range(32)]
-    alone = [post(server["url"], **r).content for r in requests]
+    alone = [pixels(post(url, **r).content) for r in requests]
+    images0, steps0 = batch_sizes(url)
     with cf.ThreadPoolExecutor(16) as pool:
-        together = list(pool.map(lambda r: post(server["url"], **r).content, requests))
-    assert together == alone
+        together = list(pool.map(lambda r: post(url, **r), requests))
+    images, steps = batch_sizes(url)
+    assert (images - images0) / (steps - steps0) > 2  # mean images per UNet step while they ran together
+    for r, a, b in zip(requests, alone, together):
+        assert b.headers["x-erasure-packs"] == ",".join(sorted({"square", *r["packs"]}))
+        assert np.abs(pixels(b.content) - a).max() <= BOUND
+    assert len({a.tobytes() for a in alone}) > 16
+
+
+def test_server_bad_request_in_a_batch_is_a_400_on_its_own(server):
+    url = server["url"]
+    good = [{"prompt": "a red circle", "packs": SETS[i % 4], "seed": 500 + i, "steps": STEPS} for i in range(4)]
+    bad = [{"prompt": "x", "packs": ["nope"]}, {"prompt": "x", "steps": 10_000}, {"prompt": ""},
+           {"prompt": "x", "exclude": ["square"]}]
+    expected = [post(url, **b).content for b in good]
+    with cf.ThreadPoolExecutor(8) as pool:
+        out = list(pool.map(lambda b: httpx.post(f"{url}/generate", json=b, timeout=120),
+                            [x for pair in zip(good, bad) for x in pair]))
+    assert [r.status_code for r in out] == [200, 400] * 4, [r.text for r in out]
+    import numpy as np
+
+    assert all(np.abs(pixels(r.content) - pixels(e)).max() <= BOUND for r, e in zip(out[::2], expected))
+
+
+def test_server_client_that_times_out_does_not_stall_the_batch(server):
+    """A client gives up (its own timeout: it closes the connection) on a long request: the others are served,
+    the request leaves the batch (counted in /metrics)."""
+    url = server["url"]
+
+    def leaving():
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/generate", json={"prompt": "a red circle", "steps": 50, "num_images": 4}, timeout=1.0)
+
+    left = lambda: sum(float(line.split()[1]) for line in httpx.get(f"{url}/metrics").text.splitlines()
+                       if line.startswith("erasure_requests_left_total"))
+    before = left()
+    with cf.ThreadPoolExecutor(2) as pool:
+        gone = pool.submit(leaving)
+        time.sleep(0.3)
+        r = post(url, packs=["red"], seed=9)
+        gone.result()
+    assert r.headers["x-erasure-packs"] == "red,square"
+    deadline = time.time() + 30
+    while left() == before and time.time() < deadline:
+        time.sleep(0.2)
+    assert left() == before + 1
+    post(url, seed=10)
+
+
+def test_server_64_concurrent_requests_over_4_pack_sets_none_lost(server):
+    url = server["url"]
+    requests = [{"prompt": ["a red circle", "a blue square"][i % 2], "packs": SETS[i % 4], "seed": 2000 + i,
+                 "steps": 2} for i in range(64)]
+    with cf.ThreadPoolExecutor(64) as pool:
+        out = list(pool.map(lambda r: httpx.post(f"{url}/generate", json=r, timeout=300), requests))
+    assert [r.status_code for r in out] == [200] * 64
+    assert [r.headers["x-erasure-seed"] for r in out] == [str(r["seed"]) for r in requests]
+    assert [r.headers["x-erasure-packs"] for r in out] == [",".join(sorted({"square", *r["packs"]}))
+                                                           for r in requests]
+    assert len({r.content for r in out}) == 64
 
 
 def test_server_bentoml_client(server):

@@ -1,0 +1,112 @@
+"""The batched denoising loop (erasure/denoise.py) and mixed pack-set batches (erasure/mixed.py) on the real toy
+base, checked against the diffusers pipeline. Packs: random deltas with real fingerprints (esd-x and esd-u)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from factories import make_pack
+
+STEPS = 4
+BOUND = 2  # max abs pixel difference alone vs in a mixed batch (service/README.md, "Batching": measured 1)
+
+
+@pytest.fixture(scope="module")
+def world(toy_pipe):
+    from erasure.compose import compose_unet
+    from erasure.conditioning import conditioner_for
+
+    x = make_pack(None, toy_pipe.unet, "circle", method="esd-x", seed=1)
+    u = make_pack(None, toy_pipe.unet, "square", method="esd-u", seed=2, magnitude=3e-3)
+    unets = {"base": toy_pipe.unet, "x": compose_unet(toy_pipe.unet, [(x, 1.0)]),
+             "u": compose_unet(toy_pipe.unet, [(u, 1.0)]), "xu": compose_unet(toy_pipe.unet, [(x, 1.0), (u, 1.0)])}
+    return {"unets": unets, "cond": conditioner_for(toy_pipe)}
+
+
+def request(world, prompt, seeds, unet="base", negative=None, guidance=3.0, steps=STEPS, size=64):
+    from erasure.denoise import DenoiseRequest
+
+    c = world["cond"]
+    return DenoiseRequest(c.encode([prompt]), c.encode([negative]) if negative else c.unconditional(1), seeds=seeds,
+                          steps=steps, guidance=guidance, height=size, width=size, unet=world["unets"][unet])
+
+
+def pixels(images):
+    return [np.asarray(im.convert("RGB")).astype(np.int16) for im in images]
+
+
+def pipeline_image(pipe, unet, prompt, seed, negative=None, guidance=3.0):
+    from erasure.pipeline import share_pipeline
+
+    p = share_pipeline(pipe, unet=unet, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    with torch.no_grad():
+        return p(prompt=[prompt], negative_prompt=[negative] if negative else None, num_inference_steps=STEPS,
+                 guidance_scale=guidance, height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed),
+                 output_type="pil").images[0]
+
+
+@pytest.mark.parametrize("unet,negative,guidance", [("base", None, 3.0), ("u", "red", 5.0), ("x", None, 1.0)])
+def test_a_request_alone_is_the_pipeline_byte_for_byte(toy_pipe, world, unet, negative, guidance):
+    from erasure.denoise import denoise
+
+    [[image]] = denoise(toy_pipe, [request(world, "a red circle", [3], unet, negative, guidance)])
+    expected = pipeline_image(toy_pipe, world["unets"][unet], "a red circle", 3, negative, guidance)
+    assert np.array_equal(np.asarray(image), np.asarray(expected))
+
+
+def test_initial_noise_is_the_pipelines_per_seed(toy_pipe, world):
+    from erasure.denoise import BatchDenoiser
+
+    track = BatchDenoiser(toy_pipe).start(request(world, "a red circle", [5, 9]))
+    gens = [torch.Generator("cpu").manual_seed(s) for s in (5, 9)]
+    expected = toy_pipe.prepare_latents(2, 4, 64, 64, torch.float32, "cpu", gens)
+    assert torch.equal(track.latents, expected)
+
+
+def test_mixed_batch_rows_match_each_request_alone(toy_pipe, world):
+    """esd-x and esd-u pack sets, negative prompts, per-request guidance (1.0 = unguided), steps and sizes in one
+    batch: each image within BOUND of the request alone, and a repeated batch gives the same bytes."""
+    from erasure.denoise import BatchDenoiser, denoise
+
+    reqs = [request(world, "a red circle", [1]), request(world, "a blue square", [2, 3], "u", "red", 7.5),
+            request(world, "a striped star", [4], "x", steps=STEPS - 1), request(world, "a green cross", [5], "xu"),
+            request(world, "a dotted triangle", [6], "x", guidance=1.0),
+            request(world, "a yellow circle", [7], "u", size=32)]
+    alone = [pixels(denoise(toy_pipe, [r])[0]) for r in reqs]
+    denoiser = BatchDenoiser(toy_pipe)
+    batched = [pixels(images) for images in denoise(toy_pipe, reqs, denoiser)]
+    again = [pixels(images) for images in denoise(toy_pipe, reqs, denoiser)]
+    assert [len(b) for b in batched] == [1, 2, 1, 1, 1, 1] and batched[-1][0].shape == (32, 32, 3)
+    for a, b, c in zip(alone, batched, again):
+        for x, y, z in zip(a, b, c):
+            assert np.abs(x - y).max() <= BOUND
+            assert np.array_equal(y, z)
+    assert not np.array_equal(alone[0][0], alone[3][0])  # the packs change images: the comparison could fail
+
+
+def test_mixed_unet_rows_see_their_own_sets_weights(toy_pipe, world):
+    """Each run of rows through MixedUNet gives what its pack set's own UNet gives; untouched layers are shared."""
+    from erasure.mixed import MixedUNet, RoutedLayer
+
+    unets = world["unets"]
+    mixed = MixedUNet(toy_pipe.unet)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 4, 16, 16, generator=g)
+    h = torch.randn(7, 20, 64, generator=g)
+    t = torch.tensor([900, 900, 500, 500, 500, 100, 1])
+    segments = [(2, unets["base"]), (3, unets["u"]), (1, unets["x"]), (1, unets["xu"])]
+    with torch.no_grad():
+        out = mixed(x, t, segments, encoder_hidden_states=h)
+        start = 0
+        for rows, unet in segments:
+            alone = unet(x[start:start + rows], t[start:start + rows], encoder_hidden_states=h[start:start + rows])
+            torch.testing.assert_close(out[start:start + rows], alone.sample, rtol=1e-4, atol=1e-5)
+            start += rows
+        single = mixed(x[:3], t[:3], [(3, unets["x"])], encoder_hidden_states=h[:3])
+        assert torch.equal(single, unets["x"](x[:3], t[:3], encoder_hidden_states=h[:3]).sample)
+    base_params = {p.data_ptr() for p in toy_pipe.unet.parameters()}
+    assert all(p.data_ptr() in base_params for p in mixed.unet.parameters())  # no tensor of its own
+    routed = [m for m in mixed.unet.modules() if isinstance(m, RoutedLayer)]
+    assert len(routed) == len(mixed.changed_layers(unets["xu"])) > 0
