@@ -8,8 +8,8 @@ rows of different pack sets share it through ``MixedUNet``. Classifier-free guid
 unconditional (or negative-prompt) rows and its prompt rows use its pack set and its guidance scale.
 
 What an image depends on: its request only (prompt, negative prompt, seed + i, settings, pack set). Its batch-mates
-change nothing but the order of float additions inside batched kernels (see docs/serving.md for the measured
-bound); a request alone, one image, gives the same bytes as the diffusers pipeline.
+change nothing but the order of float additions inside batched kernels (service/README.md, "Batching", has
+the measured bound); a request alone, one image, gives the same bytes as the diffusers pipeline.
 
 Example:
     >>> cond = conditioner_for(pipe)

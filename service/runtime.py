@@ -4,10 +4,13 @@ Race-free per-request packs. The base pipeline is loaded once and never mutated 
 (mandatory packs + the ones a request names, sorted) gets its own UNet from ``erasure.compose.compose_unet``: the
 copy shares every untouched parameter tensor with the base, only the tensors the packs touch are new (for esd-x,
 the cross-attention weights: ~6 % of the toy UNet). Copies live in a small LRU cache keyed by the pack set and are
-built once under a per-key lock; the sets known at start-up are precomposed and pinned. Every request then runs a
-*fresh* pipeline object (shared vae / text encoder, a per-thread tokenizer, the pack-set UNet, a new scheduler from
-config), because diffusers pipelines and schedulers keep per-call mutable state (timesteps, step index, guidance
-scale). Nothing a request does is visible to another request, so no lock is held while generating.
+built once under a per-key lock; the sets known at start-up are precomposed and pinned.
+
+Generation. With ``batching`` (the default) a request is a job for the batcher (service/batcher.py): one thread
+runs every request in flight through shared UNet calls, each request with its own scheduler, noise and pack-set
+UNet. Without it, every request runs a *fresh* pipeline object (shared vae / text encoder, a per-thread tokenizer,
+the pack-set UNet, a new scheduler from config), because diffusers pipelines and schedulers keep per-call mutable
+state (timesteps, step index, guidance scale). Either way nothing a request does is visible to another request.
 """
 
 from __future__ import annotations

@@ -85,12 +85,11 @@ def test_mixed_batch_matches_each_request_alone_and_mandatory_applies_to_every_r
     rt, client = served["rt"], served["client"]
     bodies = [body(i, negative_prompt="red" if i % 3 == 0 else None, guidance_scale=[3.0, 7.5, 1.0][i % 3])
               for i in range(12)]
-    before = rt.batcher.stats.max_images
-    rt.batcher.stats.max_images = 0
+    stats = rt.batcher.stats
+    images, steps = stats.images_stepped, stats.steps
     responses = burst(client, bodies)
     assert [r.status_code for r in responses] == [200] * 12, [r.text for r in responses if r.status_code != 200]
-    assert rt.batcher.stats.max_images >= 4  # they shared UNet steps
-    rt.batcher.stats.max_images = max(before, rt.batcher.stats.max_images)
+    assert (stats.images_stepped - images) / (stats.steps - steps) > 2  # they shared UNet steps
     for b, r in zip(bodies, responses):
         assert r.headers["x-erasure-packs"] == ",".join(sorted({"striped", *b["packs"]}))
         assert np.abs(png(r) - alone(rt, b)).max() <= BOUND
@@ -126,14 +125,15 @@ async def _leave(app, svc, payload: dict, how: str, after: float = 0.5) -> None:
         except asyncio.TimeoutError:
             return
         raise AssertionError("the request finished before it timed out")
-    data, started, first = json.dumps(payload).encode(), time.perf_counter(), [True]
+    data, started, body_sent = json.dumps(payload).encode(), time.perf_counter(), []
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
              "path": "/generate", "raw_path": b"/generate", "query_string": b"", "root_path": "",
              "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
                          (b"host", b"testserver")], "client": ("127.0.0.1", 50000), "server": ("testserver", 80)}
 
     async def receive():
-        if first.pop() if first else False:
+        if not body_sent:
+            body_sent.append(True)
             return {"type": "http.request", "body": data, "more_body": False}
         while time.perf_counter() - started < after:
             await asyncio.sleep(0.05)
@@ -179,3 +179,25 @@ def test_64_concurrent_requests_over_4_pack_sets_none_lost(served):
 
         image = np.asarray(Image.open(io.BytesIO(base64.b64decode(o["images"][0]))).convert("RGB")).astype(np.int16)
         assert np.abs(image - alone(rt, b)).max() <= BOUND
+
+
+@pytest.mark.parametrize("continuous", [True, False])
+def test_requests_join_a_running_batch_only_when_continuous(toy_pipe, continuous):
+    """A short request sent while a long one runs finishes first when it may join at a step boundary; with
+    ``continuous: false`` it waits for the running batch to end."""
+    from service.batcher import Batcher, Job
+
+    batcher = Batcher(toy_pipe, max_batch_size=4, max_latency_ms=0, continuous=continuous)
+    try:
+        done: list[str] = []
+        long = batcher.submit(Job("a red circle", None, [0], 12, 3.0, 64, 64))
+        long.future.add_done_callback(lambda f: done.append("long"))
+        while batcher.stats.steps < 2:
+            time.sleep(0.01)
+        short = batcher.submit(Job("a blue square", None, [1], 2, 3.0, 32, 32))  # another size: its own UNet call
+        short.future.add_done_callback(lambda f: done.append("short"))
+        short.future.result(timeout=120), long.future.result(timeout=120)
+        assert done == (["short", "long"] if continuous else ["long", "short"])
+        assert short.future.result()[0].size == (32, 32)
+    finally:
+        batcher.close()
