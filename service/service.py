@@ -271,8 +271,13 @@ class ErasureService:
             images, built = await anyio.to_thread.run_sync(functools.partial(rt.generate, *args),
                                                            limiter=self._limiter)
         else:
-            job, built = await anyio.to_thread.run_sync(functools.partial(rt.submit, *args))  # may compose the set
-            images = await self._wait(job, request)
+            from .batcher import BatcherClosed
+
+            try:
+                job, built = await anyio.to_thread.run_sync(functools.partial(rt.submit, *args))  # may compose
+                images = await self._wait(job, request)
+            except BatcherClosed as exc:  # shutting down: try another replica
+                raise bentoml.exceptions.ServiceUnavailable(str(exc)) from None
         seconds = time.perf_counter() - t0
         metrics = _get_metrics()
         for name in key:
