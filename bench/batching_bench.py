@@ -22,8 +22,6 @@ import concurrent.futures as cf
 import json
 import os
 import platform
-import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -32,7 +30,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).parent / "bentoml")
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from service_helpers import free_port, serve, stop  # noqa: E402  (the tests' real-server helpers)
+
 PROMPTS = ["a red circle", "a blue square", "a striped green star", "a dotted yellow triangle"]
 ONE_SET = [["circle"]]
 FOUR_SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]  # esd-x packs only
@@ -44,20 +44,9 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "ERASURE_SERVICE_CONFIG": str(config), "BENTOML_DO_NOT_TRACK": "True",
-           "HF_HUB_OFFLINE": "1", "BENTOML_HOME": str(config.parent / f"bentoml-{config.stem}")}
-    proc = subprocess.Popen([BENTOML, "serve", "service.service:ErasureService", "--port", str(port), "--host",
-                             "127.0.0.1"], cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    return proc, f"http://127.0.0.1:{port}"
+    return serve(config, config.parent / f"bentoml-{config.stem}", log, port), f"http://127.0.0.1:{port}"
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
@@ -74,16 +63,6 @@ def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300
             pass
         time.sleep(0.5)
     raise SystemExit(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def main() -> None:

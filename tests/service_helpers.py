@@ -80,3 +80,15 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def forget_bentoml_metrics() -> None:
+    """BentoML registers its request metrics in prometheus_client's default registry once per ASGI app; a second
+    in-process app in one test process needs the first one's unregistered (prometheus_client has no public
+    listing of collectors, hence the private map)."""
+    import prometheus_client
+
+    registry = prometheus_client.REGISTRY
+    for collector, names in list(registry._collector_to_names.items()):
+        if any(name.startswith("bentoml_") for name in names):
+            registry.unregister(collector)

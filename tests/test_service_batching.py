@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from service_helpers import make_world, write_config
+from service_helpers import forget_bentoml_metrics, make_world, write_config
 
 STEPS = 3
 BOUND = 2  # max abs pixel difference alone vs in a mixed batch (service/README.md, "Batching": measured 1)
@@ -40,6 +40,7 @@ def served(tmp_path_factory, toy_pipe):
     module = sys.modules.get("service.service") or importlib.import_module("service.service")
     old_config = module.CONFIG
     module.CONFIG = module.ServiceConfig.load(config)  # __init__ reads it; one module, one set of metrics
+    forget_bentoml_metrics()  # tests/test_service.py ran another app in this process
     app = module.ErasureService.to_asgi()
     try:
         with TestClient(app=app) as client:
