@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 export PYTHONUNBUFFERED := 1
 
-.PHONY: setup browser serve test test-slow bench bench-service toy packs clean
+.PHONY: setup browser serve test test-slow bench bench-service bench-batching toy packs clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,12 @@ bench: setup
 # Service latency / throughput / pack-switch cost as JSON (in-process ASGI; see service/README.md).
 bench-service: setup
 	$(PY) bench/service_bench.py
+
+# Batched serving through two real `bentoml serve` (batching on / off) against the bare pipeline's batched ceiling,
+# and how far a batched image is from the same request alone (service/README.md, "Batching"); a quiet machine.
+bench-batching: setup
+	$(PY) bench/batching_bench.py
+	$(PY) bench/batch_determinism.py
 
 # Rebuild the embedded toy base model and oracle from scratch (about an hour on 2 cores; resumable).
 toy: setup

@@ -138,8 +138,8 @@ def main() -> None:
     step = {}
     with torch.inference_mode():
         for name, segments in plans.items():
-            step[name] = round(timed(lambda s=segments: mixed(x, t, s, encoder_hidden_states=h), max(3, args.reps // 4)),
-                               2)
+            run = lambda s=segments: mixed(x, t, s, encoder_hidden_states=h)  # noqa: E731
+            step[name] = round(timed(run, max(3, args.reps // 4)), 2)
     out = {"rows": R, "pack_sets": K, "torch_threads": torch.get_num_threads(), "layer_ms": layers,
            "low_rank_energy_kept": energy, "toy_unet_step_ms": step,
            "toy_unet_step_vs_one_set": {k: round(v / step["one_set"], 3) for k, v in step.items()}}

@@ -110,3 +110,52 @@ def test_mixed_unet_rows_see_their_own_sets_weights(toy_pipe, world):
     assert all(p.data_ptr() in base_params for p in mixed.unet.parameters())  # no tensor of its own
     routed = [m for m in mixed.unet.modules() if isinstance(m, RoutedLayer)]
     assert len(routed) == len(mixed.changed_layers(unets["xu"])) > 0
+
+
+def test_added_conditioning_is_carried_per_row(toy_pipe):
+    """A UNet with SDXL's added conditioning (``added_cond_kwargs``: text_embeds and size-dependent time_ids per
+    row): requests with different added conditioning and pack sets get in one batch what each gets alone, and the
+    added conditioning reaches the UNet (other time_ids, other latents)."""
+    from diffusers import UNet2DConditionModel
+
+    from erasure.compose import compose_unet
+    from erasure.conditioning import Conditioning
+    from erasure.denoise import BatchDenoiser, DenoiseRequest
+    from erasure.pipeline import share_pipeline
+
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
+        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8).eval()
+    pipe = share_pipeline(toy_pipe, unet=unet)
+    erased = compose_unet(unet, [(make_pack(None, unet, "circle", method="esd-x", seed=3, magnitude=0.1), 1.0)])
+    g = torch.Generator().manual_seed(1)
+
+    def cond(size: int) -> Conditioning:
+        return Conditioning(torch.randn(1, 20, 64, generator=g), {
+            "text_embeds": torch.randn(1, 16, generator=g), "time_ids": torch.tensor([[size, size, 0, 0, size, size]])})
+
+    def req(c, u, seed, unet_, size=64):
+        return DenoiseRequest(c, u, [seed], steps=3, guidance=4.0, height=size, width=size, unet=unet_)
+
+    (ca, ua), (cb, ub) = (cond(64), cond(64)), (cond(32), cond(32))
+    reqs = [req(ca, ua, 1, unet), req(cb, ub, 2, erased)]
+    denoiser = BatchDenoiser(pipe)
+
+    def run(requests):
+        tracks = [denoiser.start(r) for r in requests]
+        with torch.no_grad():
+            while not all(t.done for t in tracks):
+                denoiser.step(tracks)
+        return [t.latents for t in tracks]
+
+    together = run(reqs)
+    for r, latents in zip(reqs, together):
+        [alone] = run([r])
+        torch.testing.assert_close(latents, alone, rtol=1e-4, atol=1e-5)
+    other = Conditioning(cb.encoder_hidden_states,
+                         {**cb.added_cond_kwargs, "time_ids": ca.added_cond_kwargs["time_ids"]})
+    [changed] = run([req(other, ub, 2, erased)])
+    assert (changed - together[1]).abs().max() > 1e-3
