@@ -13,6 +13,15 @@ STEPS = 4
 BOUND = 2  # max abs pixel difference alone vs in a mixed batch (service/README.md, "Batching": measured 1)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Small tensors: one thread is as fast as two here, and far faster when the other core is busy."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def world(toy_pipe):
     from erasure.compose import compose_unet
