@@ -77,8 +77,9 @@ class Batcher:
 
     def __init__(self, pipe, max_batch_size: int = 16, max_latency_ms: float = 5.0, continuous: bool = True,
                  on_step: Callable[[int], None] | None = None):
-        # its own pipeline object and tokenizer: only this thread encodes prompts with them
-        self.pipe = share_pipeline(pipe, tokenizer=copy.deepcopy(pipe.tokenizer))
+        # its own pipeline object and tokenizers (SDXL has two): only this thread encodes prompts with them
+        self.pipe = share_pipeline(pipe, **{name: copy.deepcopy(module) for name, module in pipe.components.items()
+                                            if name.startswith("tokenizer") and module is not None})
         self.denoiser = BatchDenoiser(self.pipe)
         self.max_batch_size, self.max_latency = max_batch_size, max_latency_ms / 1000
         self.continuous, self.on_step = continuous, on_step
