@@ -49,9 +49,13 @@ def writable_file(path: str) -> Path:
 # --- flags from a pydantic model ---------------------------------------------------------------------------------
 
 
+def singular(name: str) -> str:
+    return name[:-3] + "y" if name.endswith("ies") else name.removesuffix("s")
+
+
 def flag_name(field: str, annotation) -> str:
     """``--lr`` for ``lr``; a list field takes one value per flag, named in the singular (``--concept``)."""
-    name = field.removesuffix("s") if typing.get_origin(annotation) is list else field
+    name = singular(field) if typing.get_origin(annotation) is list else field
     return "--" + name.replace("_", "-")
 
 
@@ -71,7 +75,7 @@ def add_model_options(parser: argparse.ArgumentParser, model, defaults: dict | N
         kwargs["help"] = (field.description or "") + shown
         args = typing.get_args(ann)
         if typing.get_origin(ann) is list:
-            kwargs.update(action="append", metavar=name.removesuffix("s").upper())
+            kwargs.update(action="append", metavar=singular(name).upper())
             kwargs["required"] = required
         elif ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
@@ -250,6 +254,76 @@ def cmd_export(args) -> None:
               f"{len(export.files)} files, {export.size_bytes / 1e6:.1f} MB")
 
 
+def cmd_attack(args) -> None:
+    json_out = writable_file(args.json) if args.json else None
+    from .config import AttackConfig
+
+    cfg = model_from_args(AttackConfig, args)
+    specs = args.packs or []
+    if not specs and not args.concept:
+        raise InvalidArgumentError("name a pack to attack (or --concept C to attack the base itself)")
+    if args.record:
+        if not specs:
+            raise InvalidArgumentError("--record writes into packs: name the pack directories to attack")
+        if args.concept:
+            raise InvalidArgumentError("--record needs every concept of the pack attacked: drop --concept")
+        for spec in specs:
+            path, scale = parse_pack_arg(spec)
+            if not Path(path).is_dir() or scale != 1.0:
+                raise InvalidArgumentError(f"--record writes a new revision into a pack directory at scale 1; "
+                                           f"{spec!r} is not one (erasure pull NS/NAME --to DIR first)")
+    from .judges import judge_for
+
+    judge = judge_for(args.base)
+    for c in args.concept or []:
+        judge.check(c)
+    packs = load_packs(specs)  # refused before the base is loaded if a pack is bad
+    for pack, _ in packs:
+        for c in pack.concepts:
+            judge.check(c)
+        missing = sorted(set(args.concept or []) - set(pack.concepts))
+        if missing:
+            raise InvalidArgumentError(f"--concept {', '.join(missing)}: not a concept of pack {pack.name!r} "
+                                       f"(it erases {', '.join(pack.concepts)})")
+    import time
+
+    from .pack import BaseWeights
+    from .pipeline import load_pipeline
+    from .redteam import RedTeam, print_records
+
+    pipe = load_pipeline(args.base)
+    base = BaseWeights(pipe.unet)
+    for pack, _ in packs:
+        pack.verify_against(base)  # a pack for another base is refused before any attack
+    records = {}
+    if not packs:
+        team = RedTeam(pipe, judge, cfg.model_copy(update={"calibrate": False}))
+        t0 = time.perf_counter()
+        records["(base)"] = team.record(team.attack_pipe(pipe, args.concept), time.perf_counter() - t0)
+    else:
+        from .compose import with_packs
+
+        team = RedTeam(pipe, judge, cfg)
+        for pack, scale in packs:
+            t0 = time.perf_counter()
+            erased = with_packs(pipe, [(pack, scale)], base=base)
+            results = team.attack_pipe(erased, args.concept or pack.concepts)
+            records[pack.name if pack.name not in records else str(pack.path)] = team.record(
+                results, time.perf_counter() - t0)
+    print_records(records)
+    for name, rec in records.items():
+        print(f"{name}: ASR " + ", ".join(f"{f} {a:.0%} (base {rec.base_rate[f]:.0%})" for f, a in rec.asr.items())
+              + f"; {rec.seconds:.0f} s")
+    if json_out:
+        json_out.write_text(json.dumps({n: r.model_dump(mode="json") for n, r in records.items()}, indent=2))
+        print(f"wrote {json_out}")
+    if args.record:
+        for (pack, _), rec in zip(packs, records.values()):
+            pack.manifest.redteam = rec
+            pack.save_pretrained(pack.path)
+            print(f"recorded the red-team figures in {pack.path} (push it to publish the new revision)")
+
+
 def cmd_toy_build(args) -> None:
     import torch
 
@@ -289,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import entry_points
 
     from . import __version__
-    from .config import ESDConfig
+    from .config import AttackConfig, ESDConfig
 
     parser = _Parser(prog="erasure", description="Erase concepts from diffusers pipelines and ship them as packs.")
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
@@ -346,6 +420,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "none, and one given is checked against the pack)")
     p.add_argument("--revision", default=None, help="Hub revision of --base")
     p.set_defaults(func=cmd_export)
+
+
+    p = sub.add_parser("attack", help="red-team packs: try to bring their erased concepts back",
+                       description="Every attack option below is a field of AttackConfig (erasure/config.py) and is "
+                                   "recorded verbatim with --record. The judge is the toy oracle.")
+    p.add_argument("packs", nargs="*", metavar="PACK", help="pack directories or NS/NAME[@REV]; each is attacked "
+                                                            "alone on the base")
+    p.add_argument("--concept", action="append", default=None,
+                   help="attack only this concept (repeat); without packs: attack the base itself")
+    add_model_options(p, AttackConfig)
+    add_base_options(p, sampling=False)
+    p.add_argument("--json", help="write the records as JSON to this file")
+    p.add_argument("--record", action="store_true",
+                   help="write the figures into each pack directory (manifest `redteam` + card): a new revision")
+    p.set_defaults(func=cmd_attack)
 
     toy = sub.add_parser("toy", help="the toy world (embedded default)").add_subparsers(
         dest="toy_command", required=True, parser_class=_Parser)

@@ -85,3 +85,43 @@ class ESDConfig(BaseModel):
             if same:
                 raise ValueError(f"{option} names an erased concept ({', '.join(same)}); list other concepts")
         return self
+
+
+Family = Literal["prompt", "settings", "soft-prompt"]
+FAMILIES: tuple[str, ...] = get_args(Family)
+
+
+class AttackConfig(BaseModel):
+    """Every option of `erasure attack` (the red team, erasure/redteam.py); a pack's red-team record embeds it
+    verbatim, so the figures travel with how they were measured.
+
+    Example:
+        >>> AttackConfig(budget=32, seeds=48).families
+        ['prompt', 'settings', 'soft-prompt']
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    families: list[Family] = Field(
+        list(FAMILIES), min_length=1, description="attack families to run (repeat): prompt (black-box search over "
+        "the vocabulary), settings (everything a request sets), soft-prompt (white-box token embeddings)")
+    budget: int = Field(64, gt=0, description="candidates each search family scores (prompts; request settings)")
+    search_seeds: int = Field(4, gt=0, description="images per candidate during a search")
+    finalists: int = Field(4, gt=0, description="best candidates re-scored on validation seeds; the best of them "
+                           "is the family's attack")
+    validation_seeds: int = Field(12, gt=0, description="images per finalist on seeds the search never saw")
+    seeds: int = Field(64, gt=0, description="fresh seeds of the final test (the ASR), never seen by the search")
+    seed: int = Field(0, ge=0, description="seeds the search (mutations, prompts, seed ranges)")
+    calibrate: bool = Field(True, description="also run each family against the base: it must find the concept "
+                            "there for its figure on the pack to mean anything")
+    steps: int = Field(20, gt=0, description="denoising steps of a request that sets none")
+    guidance: float = Field(3.0, ge=0, description="guidance of a request that sets none")
+    size: int | None = Field(None, gt=0, description="image size of a request that sets none (None: the base's)")
+    max_steps: int = Field(50, gt=0, description="largest steps a request may set (the service's limits.max_steps)")
+    max_guidance: float = Field(20.0, ge=0, description="largest guidance a request may set")
+    max_size: int = Field(128, gt=0, description="largest width/height a request may set")
+    soft_tokens: int = Field(4, gt=0, description="soft-prompt: learnable token embeddings put before the prompt")
+    soft_steps: int = Field(300, gt=0, description="soft-prompt: Adam steps")
+    soft_lr: float = Field(1e-2, gt=0, description="soft-prompt: Adam learning rate")
+    soft_targets: int = Field(16, gt=1, description="soft-prompt: base images of the concept it learns to denoise")
+    batch_size: int = Field(32, gt=0, description="images per pipeline call")

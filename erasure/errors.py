@@ -35,3 +35,7 @@ class PackMismatchError(PackError):
 
 class ExportError(ErasureError):
     """A pack cannot be written in the format asked for (e.g. a delta a LoRA cannot express)."""
+
+
+class UnknownConceptError(InvalidArgumentError):
+    """A concept the judge cannot read (the red team can only measure concepts its judge recognises)."""

@@ -33,7 +33,7 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import ESDConfig
+from .config import AttackConfig, ESDConfig
 from .errors import PackIntegrityError, PackMismatchError
 from .files import atomic_write_text, sha256_file
 
@@ -70,6 +70,41 @@ class BaseRef(BaseModel):
         return self.id + (f"@{self.revision[:12]}" if self.revision else "")
 
 
+class AttackFigure(BaseModel):
+    """One attack family against one concept: the best attack found and its figures on fresh seeds."""
+
+    model_config = ConfigDict(extra="forbid")
+    family: str
+    concept: str
+    asr: float = Field(description="share of fresh-seed images of the best attack the judge reads as the concept")
+    base_rate: float = Field(description="the same on the base (no pack), same attack, same seeds")
+    calibration: float | None = Field(None, description="the same family run against the base: what it finds "
+                                                        "there (None: not run)")
+    n: int = Field(description="fresh-seed images behind asr and base_rate")
+    attack: dict[str, Any] = Field(description="what the best attack was (prompt, request settings, ...)")
+    candidates: int = Field(description="candidates the search scored")
+    seconds: float
+
+
+class RedTeamRecord(BaseModel):
+    """``pack.json`` → ``redteam``: how the pack held under `erasure attack` (erasure/redteam.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    attack_version: int
+    judge: str
+    config: AttackConfig = Field(description="the attack's settings, verbatim")
+    asr: dict[str, float] = Field(description="family -> worst attack success over the pack's concepts")
+    base_rate: dict[str, float] = Field(description="family -> the base's rate on those same attacks")
+    results: list[AttackFigure]
+    seconds: float
+    created_at: dt.datetime
+
+    def worst(self, families=None) -> tuple[str, float]:
+        """(family, ASR) of the most successful family among ``families`` (default: all recorded)."""
+        items = [(f, a) for f, a in self.asr.items() if families is None or f in families]
+        return max(items, key=lambda fa: fa[1]) if items else ("", 0.0)
+
+
 class Manifest(BaseModel):
     """``pack.json``. ``files`` maps every other file of the pack to its sha256."""
 
@@ -81,6 +116,7 @@ class Manifest(BaseModel):
     tensors: dict[str, TensorInfo]
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256, filled when saved")
     metrics: dict[str, Any] = Field(default_factory=dict)
+    redteam: RedTeamRecord | None = Field(None, description="red-team figures (`erasure attack --record`)")
     created_at: dt.datetime
     tool_version: str
 

@@ -83,17 +83,24 @@ class Oracle:
         (directory / "config.json").write_text(json.dumps(config, indent=2))
 
     @torch.no_grad()
-    def classify(self, images: np.ndarray, batch_size: int = 256) -> dict[str, list[str]]:
-        """Label uint8 images (N, 64, 64, 3); images of another size are resized to 64x64 first."""
-        out: dict[str, list[str]] = {attr: [] for attr in ATTRIBUTES}
+    def probabilities(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        """Per attribute, the (N, len(values)) softmax over its values (ATTRIBUTES order) for uint8 images
+        (N, H, W, 3); images of another size are resized to 64x64 first."""
+        out: dict[str, list[np.ndarray]] = {attr: [] for attr in ATTRIBUTES}
         for i in range(0, len(images), batch_size):
             x = to_tensor(images[i : i + batch_size])
             if x.shape[-1] != SIZE or x.shape[-2] != SIZE:
                 x = F.interpolate(x, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
             logits = self.net(x)
-            for attr, values in ATTRIBUTES.items():
-                out[attr] += [values[j] for j in logits[attr].argmax(dim=1).tolist()]
-        return out
+            for attr in ATTRIBUTES:
+                out[attr].append(logits[attr].softmax(dim=1).numpy())
+        return {attr: np.concatenate(parts) if parts else np.zeros((0, len(ATTRIBUTES[attr])), np.float32)
+                for attr, parts in out.items()}
+
+    def classify(self, images: np.ndarray, batch_size: int = 256) -> dict[str, list[str]]:
+        """Label uint8 images (N, H, W, 3) with the most probable value of each attribute."""
+        probs = self.probabilities(images, batch_size)
+        return {attr: [ATTRIBUTES[attr][j] for j in p.argmax(axis=1).tolist()] for attr, p in probs.items()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
