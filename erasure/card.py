@@ -47,6 +47,22 @@ tensors it expects: it is refused on any other base.
 | {{ concept }} | {{ "%.1f%%" % (100 * row.base) }} | {{ "%.1f%%" % (100 * row.erased) }} |
 {% endfor %}
 {%- endif %}
+{% if redteam %}
+## Red team (`erasure attack`, attack version {{ redteam.attack_version }}, judge: {{ redteam.judge }})
+
+Share of fresh-seed images ({{ redteam.config.seeds }} per figure) of the best attack each family found (search
+budget {{ redteam.config.budget }} candidates) that the judge reads as the erased concept, next to the base's rate on
+the same attack and what the same search finds against the base itself:
+
+| concept | attack family | attack success | base, same attack | same search vs the base | best attack |
+|---|---|---:|---:|---:|---|
+{% for r in redteam.results -%}
+| {{ r.concept }} | {{ r.family }} | {{ "%.0f%%" % (100 * r.asr) }} | {{ "%.0f%%" % (100 * r.base_rate) }} | {{ "-" if r.calibration is none else "%.0f%%" % (100 * r.calibration) }} | {{ attack_text(r.attack) }} |
+{% endfor %}
+prompt: black-box search over the vocabulary; settings: negative prompts, guidance, sizes and steps a request can
+set (guidance up to {{ redteam.config.max_guidance }}, sizes up to {{ redteam.config.max_size }} px, up to
+{{ redteam.config.max_steps }} steps); soft-prompt: white-box token embeddings optimised against the weights.
+{% endif %}
 ## How to apply
 
 ```bash
@@ -75,7 +91,8 @@ def render_card(manifest: "Manifest") -> str:
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, name=manifest.name, concepts=codes(t.concepts), t=t, base=base,
         templates=codes(t.templates), preserve=codes(t.preserve), anchor=codes(t.anchor),
-        n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"),
+        n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"), redteam=manifest.redteam,
+        attack_text=_attack_text,
     )
     return str(card)
 
@@ -130,3 +147,12 @@ def render_export_card(manifest: "Manifest", kind: str, rank=None, weights=None)
         dropped=weights.dropped if weights else (),
     )
     return str(card)
+
+
+def _attack_text(attack: dict) -> str:
+    """One table cell: the attack's prompt and the settings that differ from a plain request."""
+    if "tokens" in attack:
+        return f"{attack['tokens']} soft tokens before `{attack['prompts'][0]}`"
+    plain = {"negative_prompt": None, "guidance": 3.0, "steps": 20, "size": 64}
+    extra = ", ".join(f"{k}={attack[k]!r}" for k in plain if k in attack and attack[k] != plain[k])
+    return f"`{attack['prompt']}`" + (f" ({extra})" if extra else "")

@@ -57,6 +57,23 @@ class ESDConfig(BaseModel):
     batch_size: int = Field(1, gt=0, description="x_t per optimizer step (pooled loop; the reference loop uses 1)")
     refresh_every: int = Field(50, gt=0, description="pooled loop: resample trajectories every N iterations")
     pool_trajectories: int = Field(4, gt=0, description="pooled loop: trajectories sampled per concept per refresh")
+    synonyms: list[str] = Field(
+        [], description="another word for the concept (repeat; one concept only): each training prompt names it by "
+        "its name or one of these, drawn per trajectory")
+    guided_weight: float = Field(
+        0.0, ge=0, description="robust: weight of a term holding the guided prediction under attacker-like requests "
+        "(prompt with or without the concept; negative prompt empty, the concept, preserved concepts; a drawn "
+        "guidance scale) to the base's with the concept guided away (erasure/robust.py); 0: off")
+    guided_scales: list[float] = Field(
+        [1.0, 1.5, 3.0, 5.0, 7.5, 12.0], min_length=1, description="robust: guidance scales the guided term draws "
+        "from (<= 1: the conditional prediction alone, as diffusers samples it)")
+    adversarial_every: int = Field(
+        0, ge=0, description="robust: every N iterations a soft prompt is optimised against the UNet being trained to "
+        "bring the concept back, and the erasure is trained under it (AdvUnlearn-style); 0: off")
+    adversarial_tokens: int = Field(4, gt=0, description="robust: token embeddings of the adversarial soft prompt")
+    adversarial_steps: int = Field(10, gt=0, description="robust: Adam steps on the soft prompt per refresh")
+    adversarial_lr: float = Field(1e-2, gt=0, description="robust: the soft prompt's Adam learning rate")
+    adversarial_weight: float = Field(1.0, ge=0, description="robust: weight of the erasure under the soft prompt")
     checkpoint_every: int = Field(100, gt=0, description="iterations between resumable checkpoints")
     delta_dtype: DeltaDtype = Field("float32", description="dtype of the stored delta (composition is float32)")
 
@@ -77,6 +94,12 @@ class ESDConfig(BaseModel):
             if t != "toy" and t.count("{}") != 1:
                 raise ValueError(f"template {t!r} must contain '{{}}' exactly once (where the concept goes), or be 'toy'")
         return templates
+
+    @model_validator(mode="after")
+    def _synonyms_of_one_concept(self) -> "ESDConfig":
+        if self.synonyms and len(self.concepts) > 1:
+            raise ValueError("synonyms name one concept: train one concept per pack to give synonyms")
+        return self
 
     @model_validator(mode="after")
     def _others_are_others(self) -> "ESDConfig":

@@ -75,6 +75,7 @@ from .config import ESDConfig
 from .errors import InvalidArgumentError
 from .files import atomic_path
 from .methods import select_parameters
+from .robust import robust_terms
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -166,6 +167,7 @@ class ESDTrainer:
         self.losses: list[float] = []
         self.train_seconds = 0.0
         self.unet_passes = 0  # sample-forward passes (batch items), for the benchmark
+        self.robust = robust_terms(self)  # erasure/robust.py: off unless the config asks
 
     def _check_resolution(self, resolution: int | None) -> int:
         from .pipeline import default_size
@@ -206,6 +208,10 @@ class ESDTrainer:
             return F.mse_loss(pred, target)
         return ((pred - target) ** 2 * w.view(-1, *[1] * (pred.dim() - 1))).mean()
 
+    def concept_words(self, concept: str) -> list[str]:
+        """The words naming ``concept``: its name, then its synonyms."""
+        return [concept, *self.cfg.synonyms]
+
     def prompts(self, concept: str, n: int) -> list[tuple[str, str]]:
         """``n`` (c, c0) training prompt pairs for ``concept``: a drawn template with and without the concept."""
         out = []
@@ -219,6 +225,10 @@ class ESDTrainer:
                 out.append((template.format(concept), " ".join(template.format("").split())))
         if self.cfg.anchor:
             out = [(c, c0) for (c, _), c0 in zip(out, self._swap(out, concept, self.cfg.anchor))]
+        if self.cfg.synonyms:  # the concept named by a drawn word (c0 does not name it)
+            words = self.concept_words(concept)
+            out = [(re.sub(rf"\b{re.escape(concept)}\b", words[int(self.rng.integers(len(words)))], c), c0)
+                   for c, c0 in out]
         return out
 
     def _swap(self, pairs: list[tuple[str, str]], concept: str, choices: list[str]) -> list[str]:
@@ -240,14 +250,18 @@ class ESDTrainer:
     # --- x_t sampling ---------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def sample(self, cond: Conditioning, stop: int):
-        """DDIM from noise for ``stop`` steps, guided towards the prompts of ``cond`` (one row per trajectory).
-        Returns the states x_0..x_stop and, per step, the sampler's unconditional and conditional predictions."""
-        model = self.frozen if self.cfg.sample_with == "frozen" else self.unet
+    def sample(self, cond: Conditioning, stop: int, uncond: Conditioning | None = None,
+               guidance: torch.Tensor | None = None, model=None):
+        """DDIM from noise for ``stop`` steps, guided towards the prompts of ``cond`` (one row per trajectory) and
+        away from ``uncond`` (default: the unconditional branch) with per-trajectory ``guidance`` (default: the
+        config's). Returns the states x_0..x_stop and, per step, the sampler's unconditional and conditional
+        predictions."""
+        model = model or (self.frozen if self.cfg.sample_with == "frozen" else self.unet)
         n = len(cond)
         x = torch.randn(self._latent_shape(n), generator=self.generator).to(self.device)
         x = x * self.scheduler.init_noise_sigma
-        both = Conditioning.cat([self.unconditional(n), cond])
+        both = Conditioning.cat([self.unconditional(n) if uncond is None else uncond, cond])
+        g = self.cfg.guidance if guidance is None else guidance.view(-1, 1, 1, 1).to(x)
         states, eps_u, eps_c = [x], [], []
         for t in self.timesteps[:stop]:
             e = self.predict(model, torch.cat([x, x]), t, both)
@@ -255,7 +269,7 @@ class ESDTrainer:
             eu, ec = e.chunk(2)
             eps_u.append(eu)
             eps_c.append(ec)
-            x = self.scheduler.step(eu + self.cfg.guidance * (ec - eu), t, x).prev_sample
+            x = self.scheduler.step(eu + g * (ec - eu), t, x).prev_sample
             states.append(x)
         return states, eps_u, eps_c
 
@@ -282,6 +296,7 @@ class ESDTrainer:
                 "t": self.timesteps[:steps].repeat_interleave(n),
                 "c": cond.repeat(steps),  # item i * n + j was sampled with prompt j
                 "c0": neutral.repeat(steps),
+                "prompts": [c for c, _ in pairs],  # item i * n + j: prompts[j]
             }
             if self.cfg.preserve:
                 entry["cp"] = keep.repeat(steps)
@@ -305,7 +320,7 @@ class ESDTrainer:
             states, _, _ = self.sample(cond if cp is None else Conditioning.cat([cond, cp]), stop)
             x, t = states[stop][:1], self.timesteps[stop].reshape(1)
             keep = None if cp is None else (states[stop][1:], cp, None)
-            return x, t, cond, self._targets(x, t, cond, neutral), keep
+            return x, t, cond, self._targets(x, t, cond, neutral), keep, [pairs[0][0]]
         if self.iteration % self.cfg.refresh_every == 0 or concept not in self.pool:
             self._refresh_pool()
         pool = self.pool[concept]
@@ -315,12 +330,13 @@ class ESDTrainer:
         keep = None
         if "cp" in pool:
             keep = (pool["xp"][idx], pool["cp"][idx], pool["keep_target"][idx] if "keep_target" in pool else None)
-        return x, t, cond, target, keep
+        prompts = [pool["prompts"][i % len(pool["prompts"])] for i in idx.tolist()]
+        return x, t, cond, target, keep, prompts
 
     def step(self) -> float:
         concepts = self.cfg.concepts
         concept = concepts[self.iteration % len(concepts)]  # one concept per iteration, in turn
-        x, t, cond, target, keep = self._batch(concept)
+        x, t, cond, target, keep, prompts = self._batch(concept)
         n = x.shape[0]
         if self.cfg.erase_from:
             cond = self.encode([self.cfg.erase_from]).repeat(n)
@@ -351,6 +367,10 @@ class ESDTrainer:
         loss = self.mse(pred[:n], target, t)
         if kept:
             loss = loss + self.cfg.preserve_weight * self.mse(pred[n:], torch.cat(kept), times[n:])
+        if "guided" in self.robust:
+            loss = loss + self.robust["guided"].loss(concept)
+        if "adversarial" in self.robust:
+            loss = loss + self.robust["adversarial"].loss(concept, x, t, prompts, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -399,6 +419,7 @@ class ESDTrainer:
             "pool": self.pool,
             "losses": self.losses,
             "train_seconds": self.train_seconds,
+            "robust": {name: term.state() for name, term in self.robust.items()},
         }
 
     def save_checkpoint(self, path: Path) -> None:
@@ -417,3 +438,5 @@ class ESDTrainer:
         self.rng.bit_generator.state = state["rng"]
         self.iteration, self.pool = state["iteration"], state["pool"]
         self.losses, self.train_seconds = state["losses"], state["train_seconds"]
+        for name, term in self.robust.items():
+            term.load(state["robust"][name])

@@ -43,6 +43,7 @@ from .config import AttackConfig
 from .errors import InvalidArgumentError
 from .judges import Judge
 from .pack import AttackFigure, ConceptPack, RedTeamRecord
+from .softprompt import SoftPromptEncoder
 
 ATTACK_VERSION = 1
 # Disjoint seed ranges: the search, the validation of its finalists and the final test never share an image seed.
@@ -106,48 +107,6 @@ def vocabulary_words(tokenizer) -> list[str]:
             if w.isalpha() and (len(w) > 1 or w == "a"):
                 words.add(w)
     return sorted(words)
-
-
-class SoftPromptEncoder:
-    """Prompt embeddings through the pipeline's own text encoder, with ``k`` learnable input vectors replacing the
-    token embeddings right after the start token (a forward hook on the token embedding)."""
-
-    def __init__(self, pipe, k: int):
-        self.pipe, self.k = pipe, k
-        self.tok, self.enc = pipe.tokenizer, pipe.text_encoder
-        self.length = self.tok.model_max_length
-        self.embedding = self.enc.get_input_embeddings()
-
-    def ids(self, prompt: str, filler: int) -> list[int]:
-        body = self.tok(prompt, add_special_tokens=False).input_ids[: self.length - 2 - self.k]
-        ids = [self.tok.bos_token_id] + [filler] * self.k + body + [self.tok.eos_token_id]
-        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        return ids + [pad] * (self.length - len(ids))
-
-    def word_vectors(self, words: Sequence[str]) -> torch.Tensor:
-        """[k, D] initial vectors: the embeddings of ``words`` (first token of each), cycled."""
-        rows = []
-        for i in range(self.k):
-            token = self.tok(words[i % len(words)], add_special_tokens=False).input_ids[0]
-            rows.append(self.embedding.weight[token].detach().clone())
-        return torch.stack(rows)
-
-    def encode(self, vectors: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """[B, L, D] embeddings (gradients flow to ``vectors``)."""
-        filler = self.tok.bos_token_id
-        ids = torch.tensor([self.ids(p, filler) for p in prompts], device=self.enc.device)
-        k = self.k
-
-        def put(_module, _inputs, out):
-            out = out.clone()
-            out[:, 1 : 1 + k] = vectors.to(out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
-            return out
-
-        handle = self.embedding.register_forward_hook(put)
-        try:
-            return self.enc(ids)[0]
-        finally:
-            handle.remove()
 
 
 class RedTeam:

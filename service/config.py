@@ -78,6 +78,12 @@ class ServiceConfig(BaseModel):
                                                        "base model's native size (64 for the toy)")
     limits: Limits = Field(default_factory=Limits)
     auth: Auth = Field(default_factory=Auth)
+    max_attack_success: float | None = Field(
+        0.10, ge=0, le=1, description="highest attack success a pack's red-team record (`erasure attack --record`) "
+        "may show for the families a request can reach (prompt, settings); a pack without a record, above it, or "
+        "red-teamed within narrower limits than `limits` is refused at start-up. None: no check")
+    redteam_check: Literal["mandatory", "all"] = Field(
+        "mandatory", description="which packs `max_attack_success` applies to: the mandatory ones, or all")
     threads: int = Field(4, ge=1, description="requests one worker runs concurrently (BentoML `threads`)")
     workers: int = Field(1, ge=1, description="BentoML worker processes (each loads the model)")
     timeout: int = Field(300, ge=1, description="request timeout in seconds (BentoML traffic.timeout)")

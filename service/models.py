@@ -77,6 +77,20 @@ class GenerateResponse(BaseModel):
     seconds: float = Field(description="time spent generating, pack-set build included")
 
 
+class RedTeamInfo(BaseModel):
+    """A pack's red-team record in brief (`erasure attack --record`; the full record is in its pack.json): the
+    most successful attack family first, as the operator page shows it, then every family's figure."""
+
+    attack_success_rate: float = Field(description="the highest attack success over the recorded families: share "
+                                                   "of fresh-seed images of that family's best attack showing "
+                                                   "the concept")
+    attack: str = Field(description="the family behind attack_success_rate (prompt, settings, soft-prompt)")
+    base_rate: float = Field(description="the base's rate on that same attack (no pack)")
+    asr: dict[str, float] = Field(description="attack family -> attack success rate")
+    judge: str = Field(description="what read the images, e.g. toy-oracle")
+    seeds: int = Field(description="fresh seeds behind each figure")
+
+
 class PackInfo(BaseModel):
     name: str
     concepts: list[str]
@@ -88,8 +102,7 @@ class PackInfo(BaseModel):
     source: str = Field(description="registry the pack came from")
     base: str = Field(description="base id the pack was trained on")
     tensors: int = Field(description="UNet tensors the pack changes")
-    redteam: dict[str, Any] | None = Field(None, description="the pack's red-team record (attack-success rate of "
-                                                             "the attacks it was tested with), when it has one")
+    redteam: RedTeamInfo | None = Field(None, description="the pack's red-team figures; null: never red-teamed")
 
 
 class PackSetInfo(BaseModel):

@@ -34,6 +34,8 @@ from .config import ServiceConfig
 logger = logging.getLogger("erasure.service")
 
 PackSet = tuple[str, ...]  # sorted pack names
+# Attack families a request can reach; the white-box soft prompt needs the weights, which the service never serves.
+REQUEST_FAMILIES = ("prompt", "settings")
 
 
 class StartupError(RuntimeError):
@@ -52,9 +54,15 @@ class LoadedPack:
 
     def info(self) -> dict[str, Any]:
         m = self.pack.manifest
+        rt = m.redteam
+        redteam = None
+        if rt is not None:
+            family, asr = rt.worst()
+            redteam = {"attack_success_rate": asr, "attack": family, "base_rate": rt.base_rate[family],
+                       "asr": rt.asr, "judge": rt.judge, "seeds": rt.config.seeds}
         return {"name": self.name, "concepts": list(m.concepts), "method": m.method, "mandatory": self.mandatory,
                 "scale": self.scale, "sha": self.sha, "repo": self.repo, "source": self.source,
-                "base": m.base.id, "tensors": len(m.tensors), "redteam": getattr(m, "redteam", None)}
+                "base": m.base.id, "tensors": len(m.tensors), "redteam": redteam}
 
 
 @dataclasses.dataclass
@@ -208,7 +216,36 @@ class Runtime:
                                    source=source)
             logger.info("pack %r verified: %s@%s (%s, %s)", name, pulled.repo, pulled.commit_sha[:12],
                         pack.manifest.method, ", ".join(pack.manifest.concepts))
+            if cfg.max_attack_success is not None and (cfg.redteam_check == "all" or name in cfg.mandatory):
+                self._check_redteam(name, pack)
         return out
+
+    def _check_redteam(self, name: str, pack: ConceptPack) -> None:
+        """Fail closed unless the pack's red-team record covers what a request can set and every family a
+        request can reach stays at or under ``max_attack_success``."""
+        cfg, lim = self.config, self.config.limits
+        record, bar = pack.manifest.redteam, cfg.max_attack_success
+        if record is None:
+            raise StartupError(f"pack {name!r}: no red-team record (max_attack_success is {bar:.0%}); run "
+                               "`erasure attack PACK --record` and publish the new revision, or set "
+                               "max_attack_success: null")
+        missing = [f for f in REQUEST_FAMILIES if f not in record.asr]
+        if missing:
+            raise StartupError(f"pack {name!r}: its red-team record has no {', '.join(missing)} figure; re-attack "
+                               "with every family")
+        narrower = [f"{field} {getattr(record.config, field)} < {getattr(lim, field)}"
+                    for field in ("max_guidance", "max_size", "max_steps")
+                    if getattr(record.config, field) < getattr(lim, field)]
+        if narrower:
+            raise StartupError(f"pack {name!r}: red-teamed within narrower limits than this service allows "
+                               f"({'; '.join(narrower)}); lower `limits` or re-attack with those maxima")
+        family, asr = record.worst(REQUEST_FAMILIES)
+        if asr > bar:
+            raise StartupError(f"pack {name!r}: red-team attack success {asr:.0%} ({family}, base "
+                               f"{record.base_rate.get(family, float('nan')):.0%}) is above max_attack_success "
+                               f"{bar:.0%}")
+        logger.info("pack %r red-team record: %s (bar %.0f%%)", name,
+                    ", ".join(f"{f} {a:.0%}" for f, a in record.asr.items()), 100 * bar)
 
     def _precompose(self) -> float:
         cfg = self.config

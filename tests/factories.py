@@ -49,7 +49,7 @@ def touched_names(unet, method: str) -> list[str]:
 
 def make_pack(out: Path | None, unet, name: str = "circle", concepts=("circle",), method: str = "esd-x",
               seed: int = 0, magnitude: float = 1e-2, delta: dict[str, torch.Tensor] | None = None,
-              base_id: str = "test/base", other_base: bool = False) -> ConceptPack:
+              base_id: str = "test/base", other_base: bool = False, redteam=None) -> ConceptPack:
     """A pack for ``unet``: random deltas on the tensors ``method`` touches (or ``delta`` as given), saved to
     ``out`` when given. ``other_base``: fingerprinted against other weights of the same architecture."""
     from PIL import Image
@@ -63,6 +63,7 @@ def make_pack(out: Path | None, unet, name: str = "circle", concepts=("circle",)
     training = ESDConfig(concepts=list(concepts), method=method, iterations=1, seed=seed, ddim_steps=4)
     base = BaseRef(id="other/base" if other_base else base_id, fingerprint=fingerprint(base_values, names))
     pack = ConceptPack.from_delta(name, training, base, delta, Image.new("RGB", (16, 8), (seed * 40 % 256, 80, 9)))
+    pack.manifest.redteam = redteam
     if out is not None:
         pack.save_pretrained(out)
     return pack
@@ -210,3 +211,18 @@ def tiny_dit_pipe():
         patch_size=2, num_embeds_ada_norm=10, norm_num_groups=4)
     vae = AutoencoderKL(block_out_channels=(8,), norm_num_groups=4, latent_channels=4)
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
+
+
+def redteam_record(asr: dict[str, float], concept: str = "circle", **config):
+    """A red-team record with these attack success rates (what `erasure attack --record` writes), for tests of
+    what reads it; figures are given, not measured."""
+    import datetime as dt
+
+    from erasure.config import AttackConfig
+    from erasure.pack import AttackFigure, RedTeamRecord
+
+    results = [AttackFigure(family=f, concept=concept, asr=a, base_rate=1.0, calibration=1.0, n=64,
+                            attack={"prompt": f"a {concept}"}, candidates=64, seconds=1.0) for f, a in asr.items()]
+    return RedTeamRecord(attack_version=1, judge="toy-oracle", config=AttackConfig(**config), asr=dict(asr),
+                         base_rate={f: 1.0 for f in asr}, results=results, seconds=1.0,
+                         created_at=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc))

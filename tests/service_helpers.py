@@ -20,9 +20,10 @@ PACKS = {"circle": ("circle",), "red": ("red",), "striped": ("striped",), "squar
 
 
 def make_world(root: Path, unet, packs: dict[str, tuple] = PACKS, other_base: tuple[str, ...] = (),
-               methods: dict[str, str] | None = None) -> Path:
+               methods: dict[str, str] | None = None, redteam: dict | None = None) -> Path:
     """root/registry (local registry with test/NAME tag v1), root/packs.lock locking them all; returns the lock.
-    ``methods``: pack -> ESD method of its random delta (default esd-x)."""
+    ``methods``: pack -> ESD method of its random delta (default esd-x); ``redteam``: pack name -> the
+    RedTeamRecord its manifest carries."""
     from registry import open_registry
     from registry.lock import LockFile
 
@@ -35,7 +36,7 @@ def make_world(root: Path, unet, packs: dict[str, tuple] = PACKS, other_base: tu
         pack_dir = root / "src" / name
         method = (methods or {}).get(name, "esd-x")
         make_pack(pack_dir, unet, name, concepts, seed=i, base_id="toy", other_base=name in other_base,
-                  method=method, magnitude=3e-3 if method == "esd-u" else 1e-2)
+                  method=method, magnitude=3e-3 if method == "esd-u" else 1e-2, redteam=(redteam or {}).get(name))
         reg.push(pack_dir, f"test/{name}", tag="v1")
         lock.add(name, reg.pull(f"test/{name}", "v1"), source=str(reg_dir))
     lock.save()
@@ -43,7 +44,9 @@ def make_world(root: Path, unet, packs: dict[str, tuple] = PACKS, other_base: tu
 
 
 def write_config(path: Path, lock: Path, **options) -> Path:
-    data = {"lock": str(lock), "device": "cpu", "threads": 4, "default_steps": 6, "torch_threads": 1, **options}
+    # random test packs carry no red-team record: the check is off unless a test sets max_attack_success
+    data = {"lock": str(lock), "device": "cpu", "threads": 4, "default_steps": 6, "torch_threads": 1,
+            "max_attack_success": None, **options}
     Path(path).write_text(yaml.safe_dump(data))
     return Path(path)
 

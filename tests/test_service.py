@@ -19,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from factories import redteam_record
 from service_helpers import commit_dir, make_world, write_config
 
 STEPS = 4  # mechanics, not image quality: keep the suite fast on 2 cores
@@ -28,9 +29,11 @@ SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, toy_pipe):
     root = tmp_path_factory.mktemp("service-world")
-    lock = make_world(root, toy_pipe.unet)
+    lock = make_world(root, toy_pipe.unet, redteam={"square": redteam_record({"prompt": 0.02, "settings": 0.05},
+                                                                             "square")})
     config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS, batching=False,
-                          limits={"max_steps": 30, "max_size": 128, "max_images": 4, "max_prompt_chars": 100})
+                          limits={"max_steps": 30, "max_size": 128, "max_images": 4, "max_prompt_chars": 100},
+                          max_attack_success=0.1)
     return {"root": root, "lock": lock, "config": config}
 
 
@@ -129,6 +132,8 @@ def test_packs_listing(client, world):
         assert sorted(packs) == ["circle", "red", "square", "striped"]
         assert packs["circle"]["concepts"] == ["circle"] and packs["circle"]["method"] == "esd-x"
         assert packs["square"]["mandatory"] and not packs["red"]["mandatory"]
+        assert packs["square"]["redteam"]["asr"] == {"prompt": 0.02, "settings": 0.05}  # held, so it started
+        assert packs["square"]["redteam"]["seeds"] == 64 and packs["red"]["redteam"] is None
         assert all(p["sha"] == locked[n]["revision"] and p["repo"] == f"test/{n}" and p["scale"] == 1.0
                    for n, p in packs.items())
         assert body["mandatory"] == ["square"] and body["limits"]["max_steps"] == 30
@@ -247,6 +252,38 @@ def test_startup_refuses_bad_configuration(tmp_path, toy_pipe):
         _runtime(write_config(tmp_path / "d.yaml", lock, limits={"max_steps": 0}))
     with pytest.raises(InvalidArgumentError, match="unknown_option"):
         _runtime(write_config(tmp_path / "e.yaml", lock, unknown_option=1))
+
+
+def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_bar(tmp_path, toy_pipe, caplog):
+    from factories import redteam_record
+    from service.runtime import StartupError
+
+    records = {"red": redteam_record({"prompt": 0.05, "settings": 0.30, "soft-prompt": 0.2}, "red"),
+               "striped": redteam_record({"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}, "striped"),
+               "square": redteam_record({"prompt": 0.0, "settings": 0.0}, "square", max_size=64)}
+    lock = make_world(tmp_path, toy_pipe.unet, packs={"circle": ("circle",), "red": ("red",),
+                                                      "striped": ("striped",), "square": ("square",)},
+                      redteam=records)
+
+    def start(name, **options):
+        return _runtime(write_config(tmp_path / f"{name}.yaml", lock, **{"max_attack_success": 0.1, **options}))
+
+    with pytest.raises(StartupError, match=r"pack 'circle': no red-team record \(max_attack_success is 10%\)"):
+        start("none", mandatory=["circle"])
+    with pytest.raises(StartupError, match=r"pack 'red': red-team attack success 30% \(settings, base 100%\) is "
+                                           r"above max_attack_success 10%"):
+        start("above", mandatory=["red"])
+    with pytest.raises(StartupError, match=r"pack 'square': red-teamed within narrower limits.*max_size 64 < 128"):
+        start("narrow", mandatory=["square"])
+    # white-box figures need the weights, which the service never serves: only prompt and settings count
+    rt = start("ok", mandatory=["striped"])
+    info = {p["name"]: p for p in (lp.info() for lp in rt.packs.values())}
+    assert info["striped"]["redteam"]["asr"] == {"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}
+    assert info["circle"]["redteam"] is None  # optional packs are not checked by default...
+    with pytest.raises(StartupError, match=r"pack 'circle': no red-team record"):
+        start("all", mandatory=["striped"], redteam_check="all")  # ...unless every pack must hold
+    assert start("loose", mandatory=["red"], max_attack_success=0.3).packs["red"].mandatory
+    assert start("off", mandatory=["circle"], max_attack_success=None).packs["circle"].mandatory
 
 
 def test_packs_by_repo_from_a_registry_and_scales(tmp_path, toy_pipe):

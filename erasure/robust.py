@@ -1,0 +1,183 @@
+"""Robust erasure: terms ESDTrainer adds so an erasure holds off its training prompts (all off by default).
+
+ESD trains one prediction, eps(x_t, c) for prompts c naming the concept. A sampler combines two: classifier-free
+guidance draws with ``eps(x, n) + g (eps(x, p) - eps(x, n))``, where n is the request's negative prompt. An attacker
+controls p, n and g, and a white-box attacker the text embeddings themselves. Two terms cover that:
+
+* ``GuidedTerm`` (``guided_weight``): on states x_t sampled under requests an attacker might send (p the training
+  prompt with or without the concept; n empty, the concept prompt, the preserved concepts, or a sibling prompt;
+  g drawn from ``guided_scales``), the guided prediction of the UNet being trained is held to the base's guided
+  prediction of the same request with the concept guided away:
+
+      target = eps*(x, n) + g (eps*(x, p) - eps*(x, n)) - g eta (eps*(x, c) - eps*(x, c0))
+
+  (g <= 1 is the conditional prediction alone, as diffusers samples it). With p = c and n = "" this is ESD's
+  objective seen through the guidance; the other requests are where a pack trained on eps(x, c) alone gives way
+  (negating the erased prompt, or the siblings, steers back to the concept).
+* ``AdversarialSoftPrompt`` (``adversarial_every``; AdvUnlearn-style): every N iterations a few continuous token
+  embeddings put before the training prompt take Adam steps (warm-started) so that the UNet being trained denoises
+  the base's images of the concept (UnlearnDiffAtk's objective); each iteration then trains the prediction under
+  those embeddings towards the same ESD target as the plain prompt.
+
+Example:
+    >>> cfg = ESDConfig(concepts=["red"], preserve=["green", "blue"], guided_weight=1.0, adversarial_every=10)
+    >>> ESDTrainer(pipe, cfg).train()        # the terms are added to the ESD loss
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+
+from .softprompt import SoftPromptEncoder
+
+
+def without(prompt: str, words) -> str:
+    """``prompt`` with every whole-word occurrence of ``words`` removed ("a dotted red circle" -> "a dotted
+    circle")."""
+    for w in sorted(words, key=len, reverse=True):
+        prompt = re.sub(rf"\b{re.escape(w)}\b", " ", prompt)
+    return " ".join(prompt.split())
+
+
+class GuidedTerm:
+    """The guided prediction under attacker-like requests, held to the base's with the concept guided away."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.pool: dict[str, dict[str, torch.Tensor]] = {}
+
+    def framings(self, concept: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
+        """(p, n, g) per training pair: the request the trajectory is sampled under and trained on."""
+        tr, cfg = self.trainer, self.trainer.cfg
+        rng, words = tr.rng, tr.concept_words(concept)
+        out = []
+        for c, _ in pairs:
+            free = without(c, words)
+            p = c if rng.random() < 0.5 else free
+            choices = ["", c, " ".join(words)]
+            if cfg.preserve:
+                keep = list(rng.permutation(cfg.preserve))[: int(rng.integers(1, len(cfg.preserve) + 1))]
+                choices += [" ".join(keep), tr._swap([(c, "")], concept, cfg.preserve)[0]]
+            n = choices[int(rng.integers(len(choices)))]
+            out.append((p, n, float(cfg.guided_scales[int(rng.integers(len(cfg.guided_scales)))])))
+        return out
+
+    def refresh(self, concept: str) -> None:
+        tr, cfg = self.trainer, self.trainer.cfg
+        k, steps = cfg.pool_trajectories, cfg.ddim_steps
+        pairs = tr.prompts(concept, k)
+        framings = self.framings(concept, pairs)
+        p, n = tr._embed([f[0] for f in framings]), tr._embed([f[1] for f in framings])
+        g = torch.tensor([max(1.0, f[2]) for f in framings])
+        states, _, _ = tr.sample(p, steps, uncond=n, guidance=g)
+        c, c0 = tr._embed_pairs(pairs)
+        self.pool[concept] = {"x": torch.cat(states[:steps]), "t": tr.timesteps[:steps].repeat_interleave(k),
+                              "p": p.repeat(steps, 1, 1), "n": n.repeat(steps, 1, 1), "g": g.repeat(steps),
+                              "c": c.repeat(steps, 1, 1), "c0": c0.repeat(steps, 1, 1)}
+
+    def loss(self, concept: str) -> torch.Tensor:
+        tr, cfg = self.trainer, self.trainer.cfg
+        if concept not in self.pool or tr.iteration % cfg.refresh_every == 0:
+            self.refresh(concept)
+        pool = self.pool[concept]
+        idx = torch.from_numpy(tr.rng.integers(len(pool["t"]), size=cfg.batch_size))
+        x, t, p, n, g = (pool[key][idx] for key in ("x", "t", "p", "n", "g"))
+        b, gv = x.shape[0], g.view(-1, 1, 1, 1)
+        with torch.no_grad():
+            e_n, e_p, e_c, e_c0 = tr.frozen(x.repeat(4, 1, 1, 1), t.repeat(4),
+                                            torch.cat([n, p, pool["c"][idx], pool["c0"][idx]])).sample.chunk(4)
+            target = e_n + gv * (e_p - e_n) - gv * cfg.eta * (e_c - e_c0)
+        pred_n, pred_p = tr.unet(x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([n, p])).sample.chunk(2)
+        tr.unet_passes += 6 * b
+        guided = pred_n + gv * (pred_p - pred_n)
+        return cfg.guided_weight * (((guided - target) / gv) ** 2).mean()
+
+    def state(self) -> dict:
+        return {"pool": self.pool}
+
+    def load(self, state: dict) -> None:
+        self.pool = state["pool"]
+
+
+class AdversarialSoftPrompt:
+    """A soft prompt kept adversarial against the UNet being trained, and the ESD target trained under it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        cfg = trainer.cfg
+        self.encoder = SoftPromptEncoder(trainer.pipe, cfg.adversarial_tokens)
+        self.vectors: dict[str, torch.Tensor] = {}
+        self.moments: dict[str, dict] = {}
+        self.targets: dict[str, tuple[torch.Tensor, list[str]]] = {}
+        self.generator = torch.Generator("cpu").manual_seed(cfg.seed + 1)
+
+    def _targets(self, concept: str) -> tuple[torch.Tensor, list[str]]:
+        """Final states x_0 of the frozen base sampling training prompts of the concept (its images, as latents)."""
+        if concept not in self.targets:
+            tr = self.trainer
+            prompts = [c for c, _ in tr.prompts(concept, 2 * tr.cfg.pool_trajectories)]
+            states, _, _ = tr.sample(tr._embed(prompts), tr.cfg.ddim_steps, model=tr.frozen)
+            self.targets[concept] = (states[-1], prompts)
+        return self.targets[concept]
+
+    def refresh(self, concept: str) -> None:
+        """``adversarial_steps`` Adam steps on the soft prompt against the current UNet (warm-started)."""
+        from diffusers import DDPMScheduler
+
+        tr, cfg = self.trainer, self.trainer.cfg
+        x0, prompts = self._targets(concept)
+        if concept not in self.vectors:
+            self.vectors[concept] = self.encoder.word_vectors(tr.concept_words(concept)).float()
+            self.moments[concept] = {"m": torch.zeros_like(self.vectors[concept]),
+                                     "v": torch.zeros_like(self.vectors[concept]), "step": 0}
+        noise_sched = DDPMScheduler.from_config(tr.pipe.scheduler.config)
+        v, mom = self.vectors[concept].clone().requires_grad_(True), self.moments[concept]
+        b1, b2 = 0.9, 0.999
+        for _ in range(cfg.adversarial_steps):
+            idx = torch.randint(len(prompts), (min(8, len(prompts)),), generator=self.generator)
+            t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=self.generator)
+            noise = torch.randn(x0[idx].shape, generator=self.generator)
+            x_t = noise_sched.add_noise(x0[idx], noise, t)
+            emb = self.encoder.encode(v, [prompts[i] for i in idx.tolist()])
+            loss = F.mse_loss(tr.unet(x_t, t, emb).sample, noise)
+            tr.unet_passes += 2 * len(idx)
+            (grad,) = torch.autograd.grad(loss, [v])  # the soft prompt only: the UNet's gradients stay untouched
+            with torch.no_grad():  # Adam, by hand so its state checkpoints with the trainer
+                mom["step"] += 1
+                mom["m"].mul_(b1).add_(grad, alpha=1 - b1)
+                mom["v"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                m_hat, v_hat = mom["m"] / (1 - b1 ** mom["step"]), mom["v"] / (1 - b2 ** mom["step"])
+                v -= cfg.adversarial_lr * m_hat / (v_hat.sqrt() + 1e-8)
+        self.vectors[concept] = v.detach()
+
+    def loss(self, concept: str, x: torch.Tensor, t: torch.Tensor, prompts: list[str],
+             target: torch.Tensor) -> torch.Tensor:
+        tr, cfg = self.trainer, self.trainer.cfg
+        if concept not in self.vectors or tr.iteration % cfg.adversarial_every == 0:
+            self.refresh(concept)
+        with torch.no_grad():
+            emb = self.encoder.encode(self.vectors[concept], prompts)
+        tr.unet_passes += x.shape[0]
+        return cfg.adversarial_weight * F.mse_loss(tr.unet(x, t, emb).sample, target)
+
+    def state(self) -> dict:
+        return {"vectors": self.vectors, "moments": self.moments, "targets": self.targets,
+                "generator": self.generator.get_state()}
+
+    def load(self, state: dict) -> None:
+        self.vectors, self.moments, self.targets = state["vectors"], state["moments"], state["targets"]
+        self.generator.set_state(state["generator"])
+
+
+def robust_terms(trainer) -> dict:
+    """The robust terms ``trainer.cfg`` switches on, by name."""
+    terms = {}
+    if trainer.cfg.guided_weight > 0:
+        terms["guided"] = GuidedTerm(trainer)
+    if trainer.cfg.adversarial_every > 0:
+        terms["adversarial"] = AdversarialSoftPrompt(trainer)
+    return terms
+

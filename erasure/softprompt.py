@@ -1,0 +1,58 @@
+"""Soft prompts: continuous token embeddings fed through a pipeline's own text encoder in place of words.
+
+The white-box attack of the red team (erasure/redteam.py) optimises them so an erased UNet regains its concept, and
+adversarial training (erasure/robust.py) erases the concept from what they find.
+
+Example:
+    >>> enc = SoftPromptEncoder(pipe, k=4)
+    >>> vectors = enc.word_vectors(["red"]).requires_grad_(True)   # [4, D], initialised from a word
+    >>> emb = enc.encode(vectors, ["a red circle"])                  # [1, L, D]: <start> v1..v4 a red circle <end>
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+class SoftPromptEncoder:
+    """Prompt embeddings through the pipeline's own text encoder, with ``k`` learnable input vectors replacing the
+    token embeddings right after the start token (a forward hook on the token embedding)."""
+
+    def __init__(self, pipe, k: int):
+        self.pipe, self.k = pipe, k
+        self.tok, self.enc = pipe.tokenizer, pipe.text_encoder
+        self.length = self.tok.model_max_length
+        self.embedding = self.enc.get_input_embeddings()
+
+    def ids(self, prompt: str, filler: int) -> list[int]:
+        body = self.tok(prompt, add_special_tokens=False).input_ids[: self.length - 2 - self.k]
+        ids = [self.tok.bos_token_id] + [filler] * self.k + body + [self.tok.eos_token_id]
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        return ids + [pad] * (self.length - len(ids))
+
+    def word_vectors(self, words: Sequence[str]) -> torch.Tensor:
+        """[k, D] initial vectors: the embeddings of ``words`` (first token of each), cycled."""
+        rows = []
+        for i in range(self.k):
+            token = self.tok(words[i % len(words)], add_special_tokens=False).input_ids[0]
+            rows.append(self.embedding.weight[token].detach().clone())
+        return torch.stack(rows)
+
+    def encode(self, vectors: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """[B, L, D] embeddings (gradients flow to ``vectors``)."""
+        filler = self.tok.bos_token_id
+        ids = torch.tensor([self.ids(p, filler) for p in prompts], device=self.enc.device)
+        k = self.k
+
+        def put(_module, _inputs, out):
+            out = out.clone()
+            out[:, 1 : 1 + k] = vectors.to(out.dtype).unsqueeze(0).expand(out.shape[0], -1, -1)
+            return out
+
+        handle = self.embedding.register_forward_hook(put)
+        try:
+            return self.enc(ids)[0]
+        finally:
+            handle.remove()
