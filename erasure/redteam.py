@@ -9,8 +9,9 @@ Three families, reported separately (``AttackConfig.families``):
   concept itself, other words), guidance from 0 to the maximum, every allowed size, steps; one setting at a time,
   then coordinate ascent from the best.
 * ``soft-prompt`` -- white-box, UnlearnDiffAtk-style: a few continuous token embeddings put before the prompt and
-  optimised (Adam, through the text encoder and the erased UNet) to denoise the base's images of the concept. No
-  text reaches these embeddings, so it bounds what any prompt can do.
+  optimised (Adam, through the text encoder and the erased UNet) to denoise the base's images of the concept, each
+  kept within the largest norm of a real token's embedding. They range over a continuous relaxation of the
+  vocabulary, so they bound what a prompt of that length can do.
 
 Candidates are scored on a few search seeds; the best ``finalists`` are re-scored on validation seeds; the best of
 those is the family's attack, tested on ``seeds`` fresh seeds (never seen before) on the erased model and on the
@@ -390,6 +391,7 @@ class RedTeam:
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                enc.project(vectors.data)
                 losses.append(loss.item())
                 bar.set_postfix(loss=f"{np.mean(losses[-20:]):.4f}")
         finally:

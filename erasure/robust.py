@@ -151,6 +151,7 @@ class AdversarialSoftPrompt:
                 mom["v"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
                 m_hat, v_hat = mom["m"] / (1 - b1 ** mom["step"]), mom["v"] / (1 - b2 ** mom["step"])
                 v -= cfg.adversarial_lr * m_hat / (v_hat.sqrt() + 1e-8)
+                self.encoder.project(v)
         self.vectors[concept] = v.detach()
 
     def loss(self, concept: str, x: torch.Tensor, t: torch.Tensor, prompts: list[str],

@@ -7,6 +7,7 @@ Example:
     >>> enc = SoftPromptEncoder(pipe, k=4)
     >>> vectors = enc.word_vectors(["red"]).requires_grad_(True)   # [4, D], initialised from a word
     >>> emb = enc.encode(vectors, ["a red circle"])                  # [1, L, D]: <start> v1..v4 a red circle <end>
+    >>> enc.project(vectors)                                        # after each optimiser step: within real tokens' norms
 """
 
 from __future__ import annotations
@@ -25,6 +26,15 @@ class SoftPromptEncoder:
         self.tok, self.enc = pipe.tokenizer, pipe.text_encoder
         self.length = self.tok.model_max_length
         self.embedding = self.enc.get_input_embeddings()
+        # the largest norm of a real token's embedding: soft tokens stay in that ball, a continuous relaxation of
+        # the vocabulary rather than vectors no prompt can come near
+        self.max_norm = float(self.embedding.weight.detach().norm(dim=1).max())
+
+    @torch.no_grad()
+    def project(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors`` with each row's norm clipped to ``max_norm`` (in place)."""
+        norms = vectors.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return vectors.mul_((self.max_norm / norms).clamp(max=1.0))
 
     def ids(self, prompt: str, filler: int) -> list[int]:
         body = self.tok(prompt, add_special_tokens=False).input_ids[: self.length - 2 - self.k]

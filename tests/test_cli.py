@@ -37,6 +37,11 @@ def one_line_error(proc, *needles):
     (["train", "--concept", "circle", "--preserve", "circle", "--out", "p"], ["preserve names an erased concept"]),
     (["train", "--concept", "circle", "--lr", "fast", "--out", "p"], ["--lr", "invalid float"]),
     (["eval", "--samples", "0"], ["positive integer"]),
+    (["attack"], ["name a pack to attack"]),
+    (["attack", "--concept", "nudity"], ["judge cannot read concept 'nudity'"]),
+    (["attack", "--concept", "red", "--budget", "0"], ["--budget", "greater than 0"]),
+    (["attack", "--concept", "red", "--family", "jailbreak"], ["--family", "'prompt', 'settings' or 'soft-prompt'"]),
+    (["attack", "no/such/pack/dir", "--record"], ["--record", "not one"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, needles, tmp_path):
     one_line_error(run(*args), *needles)
@@ -105,3 +110,12 @@ def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
     assert proc.returncode == 0, proc.stderr
     result = json.loads(table.read_text())
     assert list(result["comparison"]["splits"]) == ["heldout"] and grid.stat().st_size > 0
+
+
+def test_attack_refuses_a_pack_it_cannot_judge_or_built_for_another_base(tmp_path, toy_pipe):
+    from factories import make_pack
+
+    make_pack(tmp_path / "alien", toy_pipe.unet, "alien", ("nudity",), base_id="toy")
+    one_line_error(run("attack", str(tmp_path / "alien")), "judge cannot read concept 'nudity'")
+    make_pack(tmp_path / "other", toy_pipe.unet, "other", ("circle",), other_base=True)
+    one_line_error(run("attack", str(tmp_path / "other"), "--budget", "1"), "pack 'other'", "another base")

@@ -1,0 +1,87 @@
+"""The red team (erasure/redteam.py) is a real adversary: on the toy base it finds the concept, on a deliberately weak
+pack it still does, and its record travels with the pack through push and pull."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from erasure.config import AttackConfig, ESDConfig
+from erasure.judges import ToyOracleJudge
+from erasure.redteam import RedTeam
+
+# Small but complete: every family, fresh seeds disjoint from the search's, the base measured on the same attack.
+QUICK = dict(budget=4, search_seeds=2, finalists=2, validation_seeds=2, seeds=10, steps=10, soft_steps=15,
+             soft_targets=4, calibrate=False)
+
+
+@pytest.fixture(scope="module")
+def judge(oracle):
+    return ToyOracleJudge(oracle)
+
+
+def test_the_attack_finds_the_concept_on_the_base(toy_pipe, judge):
+    team = RedTeam(toy_pipe, judge, AttackConfig(**QUICK), progress=False)
+    results = team.attack_pipe(toy_pipe, ["striped"])
+    assert [r.family for r in results] == ["prompt", "settings", "soft-prompt"]
+    for r in results:
+        assert r.asr >= 0.9 and r.base_rate == r.asr and r.n == 10, r  # the base is the pipe attacked here
+    seeds = {team._seeds(s, n)[0] for s, n in ((0, 2), (10**6, 2), (2 * 10**6, 10))}
+    assert len(seeds) == 3  # search, validation and fresh seeds never overlap
+
+
+def test_a_weak_pack_scores_high_and_the_record_says_so(toy_pipe, judge, tmp_path):
+    from erasure.compose import with_packs
+    from erasure.train import train_pack
+
+    cfg = ESDConfig(concepts=["striped"], templates=["toy"], iterations=8, lr=1e-4, ddim_steps=10,
+                    pool_trajectories=2, preserve=["dotted"])
+    pack = train_pack("toy", cfg, tmp_path / "weak", eval_samples=0, progress=False)
+    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **QUICK), progress=False)
+    record = team.record(team.attack_pipe(with_packs(toy_pipe, [(pack, 1.0)]), pack.concepts), 1.0)
+    assert record.asr["prompt"] >= 0.6, record  # eight iterations erase nothing an attacker cannot get back
+    assert record.worst() == ("prompt", record.asr["prompt"]) and record.judge == "toy-oracle"
+
+
+def test_the_record_round_trips_through_push_and_pull(tmp_path, toy_pipe, capsys):
+    """`erasure attack --record` writes a new revision of the pack (same delta), which push and pull carry."""
+    from erasure.cli import main
+    from erasure.pack import ConceptPack
+    from factories import make_pack, read_files
+    from registry import open_registry
+
+    src = tmp_path / "circle"
+    make_pack(src, toy_pipe.unet, "circle", ("circle",), base_id="toy", magnitude=1e-4)
+    before = read_files(src)
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "calibrate"]
+    code = main(["attack", str(src), "--family", "prompt", *quick, "--no-calibrate", "--record", "--json", str(tmp_path / "r.json")])
+    out = capsys.readouterr().out
+    assert code == 0 and "recorded the red-team figures" in out
+    after = read_files(src)
+    assert after["delta.safetensors"] == before["delta.safetensors"] and after["pack.json"] != before["pack.json"]
+    record = ConceptPack.from_pretrained(src).manifest.redteam
+    assert record.asr["prompt"] == json.loads((tmp_path / "r.json").read_text())["circle"]["asr"]["prompt"]
+    assert record.asr["prompt"] >= 0.9  # a 1e-4 random delta erases nothing: the attack says so
+    assert "## Red team" in after["README.md"].decode()
+
+    reg = open_registry(registry_dir=tmp_path / "registry")
+    reg.push(src, "test/circle", tag="v1")
+    pulled = reg.pull("test/circle", "v1", to=tmp_path / "pulled")
+    assert pulled.pack.manifest.redteam == record and read_files(pulled.path) == after
+
+
+@pytest.mark.parametrize("families", [["prompt"], ["settings"]])
+def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge, families):
+    """Mechanics on random weights: candidates scored never exceed the budget, and the best is first."""
+    cfg = AttackConfig(families=families, budget=6, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
+                       steps=2, max_size=32, max_steps=4, batch_size=8, calibrate=False)
+    team = RedTeam(random_pipe, judge, cfg, progress=False)
+    search = team.search_prompts if families == ["prompt"] else team.search_settings
+    scored, n = search(random_pipe, "red")
+    assert n == len(scored) <= 6 and len({s.attack for s in scored}) == n
+    assert [s.key for s in scored] == sorted((s.key for s in scored), reverse=True)
+    requests = [s.attack for s in scored]
+    assert all(r.size <= 32 and r.size % 16 == 0 and r.steps <= 4 and r.guidance <= 20 for r in requests)
+    assert np.isfinite([s.score for s in scored]).all()
