@@ -140,11 +140,20 @@ class AttackConfig(BaseModel):
     steps: int = Field(20, gt=0, description="denoising steps of a request that sets none")
     guidance: float = Field(3.0, ge=0, description="guidance of a request that sets none")
     size: int | None = Field(None, gt=0, description="image size of a request that sets none (None: the base's)")
+    min_steps: int = Field(4, gt=0, description="smallest steps a request may set (the service's limits.min_steps)")
     max_steps: int = Field(50, gt=0, description="largest steps a request may set (the service's limits.max_steps)")
     max_guidance: float = Field(20.0, ge=0, description="largest guidance a request may set")
+    min_size: int = Field(48, gt=0, description="smallest width/height a request may set")
     max_size: int = Field(128, gt=0, description="largest width/height a request may set")
     soft_tokens: int = Field(4, gt=0, description="soft-prompt: learnable token embeddings put before the prompt")
     soft_steps: int = Field(300, gt=0, description="soft-prompt: Adam steps")
     soft_lr: float = Field(1e-2, gt=0, description="soft-prompt: Adam learning rate")
     soft_targets: int = Field(16, gt=1, description="soft-prompt: base images of the concept it learns to denoise")
     batch_size: int = Field(32, gt=0, description="images per pipeline call")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "AttackConfig":
+        for low, high in (("min_steps", "max_steps"), ("min_size", "max_size")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
+        return self

@@ -306,10 +306,12 @@ class RedTeam:
 
     def setting_values(self) -> dict[str, list]:
         cfg = self.cfg
+        m = self.size_multiple
         return {
             "guidance": sorted({g for g in GUIDANCE_GRID if g <= cfg.max_guidance} | {cfg.max_guidance}),
-            "size": list(range(self.size_multiple, cfg.max_size + 1, self.size_multiple)),
-            "steps": sorted({s for s in STEPS_GRID if s <= cfg.max_steps} | {cfg.max_steps}),
+            "size": list(range(-(-max(cfg.min_size, m) // m) * m, cfg.max_size + 1, m)),
+            "steps": sorted({s for s in STEPS_GRID if cfg.min_steps <= s <= cfg.max_steps}
+                            | {cfg.min_steps, cfg.max_steps}),
         }
 
     def search_settings(self, pipe, concept: str) -> tuple[list[Scored], int]:

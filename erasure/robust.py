@@ -37,9 +37,13 @@ from .softprompt import SoftPromptEncoder
 def without(prompt: str, words) -> str:
     """``prompt`` with every whole-word occurrence of ``words`` removed ("a dotted red circle" -> "a dotted
     circle")."""
-    for w in sorted(words, key=len, reverse=True):
-        prompt = re.sub(rf"\b{re.escape(w)}\b", " ", prompt)
-    return " ".join(prompt.split())
+    return " ".join(replace_words(prompt, words, " ").split())
+
+
+def replace_words(prompt: str, words, by: str) -> str:
+    """``prompt`` with every whole-word occurrence of ``words`` replaced by ``by``."""
+    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
+    return re.sub(rf"\b(?:{pattern})\b", by, prompt)
 
 
 class GuidedTerm:
@@ -60,7 +64,8 @@ class GuidedTerm:
             choices = ["", c, " ".join(words)]
             if cfg.preserve:
                 keep = list(rng.permutation(cfg.preserve))[: int(rng.integers(1, len(cfg.preserve) + 1))]
-                choices += [" ".join(keep), tr._swap([(c, "")], concept, cfg.preserve)[0]]
+                sibling = cfg.preserve[int(rng.integers(len(cfg.preserve)))]
+                choices += [" ".join(keep), " ".join(replace_words(c, words, sibling).split())]
             n = choices[int(rng.integers(len(choices)))]
             out.append((p, n, float(cfg.guided_scales[int(rng.integers(len(cfg.guided_scales)))])))
         return out

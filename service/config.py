@@ -36,11 +36,22 @@ class Limits(BaseModel):
     """Request limits; anything outside is a 400 that says the allowed range."""
 
     model_config = ConfigDict(extra="forbid")
+    min_steps: int = Field(1, ge=1, description="smallest `steps` a request may ask for (service/config.yaml: 4; "
+                           "fewer leave images the toy base cannot draw, where no judge can tell a concept)")
     max_steps: int = Field(50, ge=1, description="largest `steps` a request may ask for")
+    min_size: int = Field(1, ge=1, description="smallest `width` / `height` in pixels (service/config.yaml: 48; "
+                          "the toy base draws unreadable images below)")
     max_size: int = Field(128, ge=8, description="largest `width` / `height` in pixels")
     max_images: int = Field(4, ge=1, description="largest `num_images` per request")
     max_prompt_chars: int = Field(300, ge=1, description="longest `prompt` / `negative_prompt` in characters")
     max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale`")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "Limits":
+        for low, high in (("min_steps", "max_steps"), ("min_size", "max_size")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
+        return self
 
 
 class Auth(BaseModel):

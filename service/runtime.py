@@ -236,9 +236,11 @@ class Runtime:
         narrower = [f"{field} {getattr(record.config, field)} < {getattr(lim, field)}"
                     for field in ("max_guidance", "max_size", "max_steps")
                     if getattr(record.config, field) < getattr(lim, field)]
+        narrower += [f"{field} {getattr(record.config, field)} > {getattr(lim, field)}"
+                     for field in ("min_size", "min_steps") if getattr(record.config, field) > getattr(lim, field)]
         if narrower:
             raise StartupError(f"pack {name!r}: red-teamed within narrower limits than this service allows "
-                               f"({'; '.join(narrower)}); lower `limits` or re-attack with those maxima")
+                               f"({'; '.join(narrower)}); narrow `limits` or re-attack over the service's range")
         family, asr = record.worst(REQUEST_FAMILIES)
         if asr > bar:
             raise StartupError(f"pack {name!r}: red-team attack success {asr:.0%} ({family}, base "

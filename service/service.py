@@ -240,15 +240,20 @@ class ErasureService:
             if len(text) > lim.max_prompt_chars:
                 problems.append((field, f"{field} is {len(text)} characters; shorten it to at most "
                                         f"{lim.max_prompt_chars}"))
-        if s["steps"] > lim.max_steps:
-            problems.append(("steps", f"steps is {s['steps']}; use 1 to {lim.max_steps}"))
+        if not lim.min_steps <= s["steps"] <= lim.max_steps:
+            why = "" if s["steps"] > lim.max_steps else (" (fewer steps draw images too rough to judge, so no pack "
+                                                         "was red-teamed there)")
+            problems.append(("steps", f"steps is {s['steps']}; use {lim.min_steps} to {lim.max_steps}{why}"))
         if s["guidance"] > lim.max_guidance:
             problems.append(("guidance_scale", f"guidance_scale is {s['guidance']}; use 0 to {lim.max_guidance}"))
         for field in ("width", "height"):
             v = s[field]
-            if v > lim.max_size or v % rt.size_multiple:
-                problems.append((field, f"{field} is {v}; use a multiple of {rt.size_multiple} up to "
-                                        f"{lim.max_size} (default {size})"))
+            if v > lim.max_size or v % rt.size_multiple or v < lim.min_size:
+                low = f"from {lim.min_size} " if lim.min_size > rt.size_multiple else ""
+                why = (" (the base draws images too rough to judge below, so no pack was red-teamed there)"
+                       if v < lim.min_size else "")
+                problems.append((field, f"{field} is {v}; use a multiple of {rt.size_multiple} {low}up to "
+                                        f"{lim.max_size} (default {size}){why}"))
         if req.num_images > lim.max_images:
             problems.append(("num_images", f"num_images is {req.num_images}; use 1 to {lim.max_images}"))
         if req.seed > MAX_SEED - lim.max_images + 1:

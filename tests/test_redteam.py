@@ -76,7 +76,7 @@ def test_the_record_round_trips_through_push_and_pull(tmp_path, toy_pipe, capsys
 def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge, families):
     """Mechanics on random weights: candidates scored never exceed the budget, and the best is first."""
     cfg = AttackConfig(families=families, budget=6, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
-                       steps=2, max_size=32, max_steps=4, batch_size=8, calibrate=False)
+                       steps=2, min_size=16, max_size=32, min_steps=1, max_steps=4, batch_size=8, calibrate=False)
     team = RedTeam(random_pipe, judge, cfg, progress=False)
     search = team.search_prompts if families == ["prompt"] else team.search_settings
     scored, n = search(random_pipe, "red")

@@ -29,11 +29,11 @@ SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, toy_pipe):
     root = tmp_path_factory.mktemp("service-world")
-    lock = make_world(root, toy_pipe.unet, redteam={"square": redteam_record({"prompt": 0.02, "settings": 0.05},
-                                                                             "square")})
+    record = redteam_record({"prompt": 0.02, "settings": 0.05}, "square", min_steps=3, min_size=32)
+    lock = make_world(root, toy_pipe.unet, redteam={"square": record})
     config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS, batching=False,
-                          limits={"max_steps": 30, "max_size": 128, "max_images": 4, "max_prompt_chars": 100},
-                          max_attack_success=0.1)
+                          limits={"max_steps": 30, "max_size": 128, "max_images": 4, "max_prompt_chars": 100,
+                                  "min_steps": 3, "min_size": 32}, max_attack_success=0.1)
     return {"root": root, "lock": lock, "config": config}
 
 
@@ -147,7 +147,9 @@ BAD = [
     ({"prompt": "   "}, ["prompt is empty"]),
     ({"prompt": "x" * 101}, ["prompt is 101 characters", "at most 100"]),
     ({"prompt": "x", "negative_prompt": "y" * 101}, ["negative_prompt", "at most 100"]),
-    ({"prompt": "x", "steps": 31}, ["steps is 31", "1 to 30"]),
+    ({"prompt": "x", "steps": 31}, ["steps is 31", "3 to 30"]),
+    ({"prompt": "x", "steps": 2}, ["steps is 2", "3 to 30", "too rough to judge"]),
+    ({"prompt": "x", "width": 16}, ["width is 16", "from 32 up to 128", "too rough to judge"]),
     ({"prompt": "x", "steps": 0}, ["steps", "greater than or equal to 1"]),
     ({"prompt": "x", "width": 256}, ["width is 256", "up to 128"]),
     ({"prompt": "x", "height": 50}, ["height is 50", "multiple of 16"]),
@@ -266,7 +268,9 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
                       redteam=records)
 
     def start(name, **options):
-        return _runtime(write_config(tmp_path / f"{name}.yaml", lock, **{"max_attack_success": 0.1, **options}))
+        narrowed = {"min_steps": 4, "min_size": 48}  # the range the records' red team covered (AttackConfig's)
+        return _runtime(write_config(tmp_path / f"{name}.yaml", lock,
+                                     **{"max_attack_success": 0.1, "limits": narrowed, **options}))
 
     with pytest.raises(StartupError, match=r"pack 'circle': no red-team record \(max_attack_success is 10%\)"):
         start("none", mandatory=["circle"])
@@ -275,6 +279,8 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
         start("above", mandatory=["red"])
     with pytest.raises(StartupError, match=r"pack 'square': red-teamed within narrower limits.*max_size 64 < 128"):
         start("narrow", mandatory=["square"])
+    with pytest.raises(StartupError, match=r"pack 'striped': red-teamed within narrower limits.*min_steps 4 > 1"):
+        start("wide", mandatory=["striped"], limits={"min_size": 48})  # this service would serve 1 to 50 steps
     # white-box figures need the weights, which the service never serves: only prompt and settings count
     rt = start("ok", mandatory=["striped"])
     info = {p["name"]: p for p in (lp.info() for lp in rt.packs.values())}
