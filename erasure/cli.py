@@ -291,7 +291,13 @@ def cmd_attack(args) -> None:
     from .pipeline import load_pipeline
     from .redteam import RedTeam, print_records
 
-    pipe = load_pipeline(args.base)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    for lib in (diffusers_logging, transformers_logging):  # a refusal below stays one line: no loading chatter
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    pipe = load_pipeline(args.base, args.device, _dtype(args), args.revision)
     base = BaseWeights(pipe.unet)
     for pack, _ in packs:
         pack.verify_against(base)  # a pack for another base is refused before any attack

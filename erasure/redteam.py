@@ -19,6 +19,9 @@ base. Attack success rate (ASR) = share of those images the judge reads as the c
 something only if the attack could have failed: with ``calibrate`` each family also runs against the base, where it
 must find the concept.
 
+Every UNet pass is conditioned as the family's Conditioner does (erasure/conditioning.py). Bases: the SD 1.x / 2.x
+family only (the soft prompts do not cover SDXL's two encoders); others are refused with UnsupportedBaseError.
+
 Example:
     >>> from erasure.redteam import RedTeam
     >>> team = RedTeam(load_pipeline("toy"), ToyOracleJudge(), AttackConfig(budget=32))
@@ -40,11 +43,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .conditioning import FAMILIES, conditioner_for, pipeline_family
 from .config import AttackConfig
-from .errors import InvalidArgumentError
+from .errors import InvalidArgumentError, UnsupportedBaseError
 from .judges import Judge
 from .pack import AttackFigure, ConceptPack, RedTeamRecord
-from .softprompt import SoftPromptEncoder
+from .softprompt import SUPPORTED_FAMILIES, SoftPromptEncoder
 
 ATTACK_VERSION = 1
 # Disjoint seed ranges: the search, the validation of its finalists and the final test never share an image seed.
@@ -116,7 +120,12 @@ class RedTeam:
     def __init__(self, base_pipe, judge: Judge, config: AttackConfig | None = None, progress: bool = True):
         from .pipeline import default_size
 
+        family = pipeline_family(base_pipe)
+        if family not in SUPPORTED_FAMILIES:
+            raise UnsupportedBaseError(f"erasure attack supports {', '.join(FAMILIES[f] for f in SUPPORTED_FAMILIES)}"
+                                       f" bases; this base is {FAMILIES[family]}")
         self.base, self.judge, self.cfg, self.progress = base_pipe, judge, config or AttackConfig(), progress
+        self.conditioner = conditioner_for(base_pipe, base_pipe.device)
         self.native = default_size(base_pipe)
         unet = base_pipe.unet
         self.size_multiple = base_pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -149,13 +158,14 @@ class RedTeam:
     def render_soft(self, pipe, soft: SoftPrompt, seeds: Sequence[int]) -> list:
         enc = SoftPromptEncoder(pipe, soft.vectors.shape[0])
         r = soft.request
-        empty = pipe.encode_prompt("", pipe.device, 1, do_classifier_free_guidance=False)[0]
         images = []
         for start in range(0, len(seeds), self.cfg.batch_size):
             chunk = list(seeds[start : start + self.cfg.batch_size])
             prompts = [soft.prompts[(start + j) % len(soft.prompts)] for j in range(len(chunk))]
-            out = pipe(prompt_embeds=enc.encode(soft.vectors, prompts), negative_prompt_embeds=empty.expand(
-                len(chunk), -1, -1), num_inference_steps=r.steps, guidance_scale=r.guidance, height=r.size,
+            cond, uncond = enc.encode(soft.vectors, prompts), self.conditioner.unconditional(len(chunk), r.size)
+            out = pipe(prompt_embeds=cond.encoder_hidden_states,
+                       negative_prompt_embeds=uncond.encoder_hidden_states.to(cond.encoder_hidden_states),
+                       num_inference_steps=r.steps, guidance_scale=r.guidance, height=r.size,
                 width=r.size, generator=[torch.Generator("cpu").manual_seed(int(s)) for s in chunk],
                 output_type="pil")
             images += out.images
@@ -388,8 +398,8 @@ class RedTeam:
                 noise = torch.randn(x0[idx].shape, generator=g)
                 x_t = noise_sched.add_noise(x0[idx], noise, t)
                 target = noise if prediction == "epsilon" else noise_sched.get_velocity(x0[idx], noise, t)
-                emb = enc.encode(vectors, [prompts[i] for i in idx.tolist()])
-                loss = F.mse_loss(pipe.unet(x_t, t, emb).sample, target)
+                cond = enc.encode(vectors, [prompts[i] for i in idx.tolist()])
+                loss = F.mse_loss(pipe.unet(x_t, t, **cond.unet_kwargs()).sample, target)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()

@@ -31,7 +31,11 @@ import re
 import torch
 import torch.nn.functional as F
 
+from .conditioning import FAMILIES, Conditioning
+from .errors import InvalidArgumentError
 from .softprompt import SoftPromptEncoder
+
+SUPPORTED = ("sd", "epsilon")  # the family and prediction type the terms are tested on (the toy base)
 
 
 def without(prompt: str, words) -> str:
@@ -75,13 +79,13 @@ class GuidedTerm:
         k, steps = cfg.pool_trajectories, cfg.ddim_steps
         pairs = tr.prompts(concept, k)
         framings = self.framings(concept, pairs)
-        p, n = tr._embed([f[0] for f in framings]), tr._embed([f[1] for f in framings])
+        p, n = tr.encode([f[0] for f in framings]), tr.encode([f[1] for f in framings])
         g = torch.tensor([max(1.0, f[2]) for f in framings])
         states, _, _ = tr.sample(p, steps, uncond=n, guidance=g)
         c, c0 = tr._embed_pairs(pairs)
         self.pool[concept] = {"x": torch.cat(states[:steps]), "t": tr.timesteps[:steps].repeat_interleave(k),
-                              "p": p.repeat(steps, 1, 1), "n": n.repeat(steps, 1, 1), "g": g.repeat(steps),
-                              "c": c.repeat(steps, 1, 1), "c0": c0.repeat(steps, 1, 1)}
+                              "p": p.repeat(steps), "n": n.repeat(steps), "g": g.repeat(steps),
+                              "c": c.repeat(steps), "c0": c0.repeat(steps)}
 
     def loss(self, concept: str) -> torch.Tensor:
         tr, cfg = self.trainer, self.trainer.cfg
@@ -92,10 +96,10 @@ class GuidedTerm:
         x, t, p, n, g = (pool[key][idx] for key in ("x", "t", "p", "n", "g"))
         b, gv = x.shape[0], g.view(-1, 1, 1, 1)
         with torch.no_grad():
-            e_n, e_p, e_c, e_c0 = tr.frozen(x.repeat(4, 1, 1, 1), t.repeat(4),
-                                            torch.cat([n, p, pool["c"][idx], pool["c0"][idx]])).sample.chunk(4)
+            e_n, e_p, e_c, e_c0 = tr.predict(tr.frozen, x.repeat(4, 1, 1, 1), t.repeat(4), Conditioning.cat(
+                [n, p, pool["c"][idx], pool["c0"][idx]])).chunk(4)
             target = e_n + gv * (e_p - e_n) - gv * cfg.eta * (e_c - e_c0)
-        pred_n, pred_p = tr.unet(x.repeat(2, 1, 1, 1), t.repeat(2), torch.cat([n, p])).sample.chunk(2)
+        pred_n, pred_p = tr.predict(tr.unet, x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([n, p])).chunk(2)
         tr.unet_passes += 6 * b
         guided = pred_n + gv * (pred_p - pred_n)
         return cfg.guided_weight * (((guided - target) / gv) ** 2).mean()
@@ -124,7 +128,7 @@ class AdversarialSoftPrompt:
         if concept not in self.targets:
             tr = self.trainer
             prompts = [c for c, _ in tr.prompts(concept, 2 * tr.cfg.pool_trajectories)]
-            states, _, _ = tr.sample(tr._embed(prompts), tr.cfg.ddim_steps, model=tr.frozen)
+            states, _, _ = tr.sample(tr.encode(prompts), tr.cfg.ddim_steps, model=tr.frozen)
             self.targets[concept] = (states[-1], prompts)
         return self.targets[concept]
 
@@ -146,8 +150,8 @@ class AdversarialSoftPrompt:
             t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=self.generator)
             noise = torch.randn(x0[idx].shape, generator=self.generator)
             x_t = noise_sched.add_noise(x0[idx], noise, t)
-            emb = self.encoder.encode(v, [prompts[i] for i in idx.tolist()])
-            loss = F.mse_loss(tr.unet(x_t, t, emb).sample, noise)
+            cond = self.encoder.encode(v, [prompts[i] for i in idx.tolist()])
+            loss = F.mse_loss(tr.predict(tr.unet, x_t, t, cond), noise)
             tr.unet_passes += 2 * len(idx)
             (grad,) = torch.autograd.grad(loss, [v])  # the soft prompt only: the UNet's gradients stay untouched
             with torch.no_grad():  # Adam, by hand so its state checkpoints with the trainer
@@ -165,9 +169,9 @@ class AdversarialSoftPrompt:
         if concept not in self.vectors or tr.iteration % cfg.adversarial_every == 0:
             self.refresh(concept)
         with torch.no_grad():
-            emb = self.encoder.encode(self.vectors[concept], prompts)
+            cond = self.encoder.encode(self.vectors[concept], prompts)
         tr.unet_passes += x.shape[0]
-        return cfg.adversarial_weight * F.mse_loss(tr.unet(x, t, emb).sample, target)
+        return cfg.adversarial_weight * F.mse_loss(tr.predict(tr.unet, x, t, cond), target)
 
     def state(self) -> dict:
         return {"vectors": self.vectors, "moments": self.moments, "targets": self.targets,
@@ -179,8 +183,15 @@ class AdversarialSoftPrompt:
 
 
 def robust_terms(trainer) -> dict:
-    """The robust terms ``trainer.cfg`` switches on, by name."""
+    """The robust terms ``trainer.cfg`` switches on, by name; InvalidArgumentError on a base they are not tested on
+    (SD 1.x-family epsilon-prediction bases only: the adversarial term's target is the noise, and neither term
+    conditions SDXL's added embeddings)."""
     terms = {}
+    cfg = trainer.cfg
+    if (cfg.guided_weight > 0 or cfg.adversarial_every > 0) and (trainer.family, trainer.prediction_type) != SUPPORTED:
+        raise InvalidArgumentError(
+            f"--guided-weight / --adversarial-every support {FAMILIES['sd']} bases that predict epsilon; this base "
+            f"is {FAMILIES[trainer.family]} predicting {trainer.prediction_type}: train it without them")
     if trainer.cfg.guided_weight > 0:
         terms["guided"] = GuidedTerm(trainer)
     if trainer.cfg.adversarial_every > 0:

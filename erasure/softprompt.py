@@ -1,12 +1,14 @@
 """Soft prompts: continuous token embeddings fed through a pipeline's own text encoder in place of words.
 
 The white-box attack of the red team (erasure/redteam.py) optimises them so an erased UNet regains its concept, and
-adversarial training (erasure/robust.py) erases the concept from what they find.
+adversarial training (erasure/robust.py) erases the concept from what they find. They condition the UNet as the
+family's Conditioner does (erasure/conditioning.py); only the SD 1.x / 2.x family is supported (SDXL conditions on
+two encoders and a pooled projection, which soft prompts do not cover yet).
 
 Example:
     >>> enc = SoftPromptEncoder(pipe, k=4)
     >>> vectors = enc.word_vectors(["red"]).requires_grad_(True)   # [4, D], initialised from a word
-    >>> emb = enc.encode(vectors, ["a red circle"])                  # [1, L, D]: <start> v1..v4 a red circle <end>
+    >>> cond = enc.encode(vectors, ["a red circle"])                 # Conditioning: <start> v1..v4 a red circle <end>
     >>> enc.project(vectors)                                        # after each optimiser step: within real tokens' norms
 """
 
@@ -16,12 +18,22 @@ from collections.abc import Sequence
 
 import torch
 
+from .conditioning import FAMILIES, Conditioning, pipeline_family
+from .errors import UnsupportedBaseError
+
+SUPPORTED_FAMILIES = ("sd",)
+
 
 class SoftPromptEncoder:
     """Prompt embeddings through the pipeline's own text encoder, with ``k`` learnable input vectors replacing the
     token embeddings right after the start token (a forward hook on the token embedding)."""
 
     def __init__(self, pipe, k: int):
+        family = pipeline_family(pipe)
+        if family not in SUPPORTED_FAMILIES:
+            raise UnsupportedBaseError(f"soft prompts (the white-box attack, adversarial training) support "
+                                       f"{', '.join(FAMILIES[f] for f in SUPPORTED_FAMILIES)}; this base is "
+                                       f"{FAMILIES[family]}")
         self.pipe, self.k = pipe, k
         self.tok, self.enc = pipe.tokenizer, pipe.text_encoder
         self.length = self.tok.model_max_length
@@ -50,8 +62,8 @@ class SoftPromptEncoder:
             rows.append(self.embedding.weight[token].detach().clone())
         return torch.stack(rows)
 
-    def encode(self, vectors: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        """[B, L, D] embeddings (gradients flow to ``vectors``)."""
+    def encode(self, vectors: torch.Tensor, prompts: Sequence[str]) -> Conditioning:
+        """The UNet conditioning of ``prompts`` with the soft tokens in front (gradients flow to ``vectors``)."""
         filler = self.tok.bos_token_id
         ids = torch.tensor([self.ids(p, filler) for p in prompts], device=self.enc.device)
         k = self.k
@@ -63,6 +75,6 @@ class SoftPromptEncoder:
 
         handle = self.embedding.register_forward_hook(put)
         try:
-            return self.enc(ids)[0]
+            return Conditioning(self.enc(ids)[0])
         finally:
             handle.remove()

@@ -85,3 +85,20 @@ def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge,
     requests = [s.attack for s in scored]
     assert all(r.size <= 32 and r.size % 16 == 0 and r.steps <= 4 and r.guidance <= 20 for r in requests)
     assert np.isfinite([s.score for s in scored]).all()
+
+
+def test_families_without_tested_support_are_refused_with_their_name(tmp_path, judge):
+    """The attack and the robust terms run where they are tested (SD 1.x family, epsilon for the terms); an SDXL
+    base or a v-prediction base for the robust terms is a clear error naming the family, before any work."""
+    from erasure.errors import InvalidArgumentError, UnsupportedBaseError
+    from erasure.esd import ESDTrainer
+    from factories import tiny_sd2_pipe, tiny_sdxl_pipe
+
+    with pytest.raises(UnsupportedBaseError, match=r"erasure attack supports SD 1\.x / 2\.x.*this base is SDXL"):
+        RedTeam(tiny_sdxl_pipe(tmp_path), judge, AttackConfig(**QUICK), progress=False)
+    cfg = ESDConfig(concepts=["red"], guided_weight=1.0, iterations=1)
+    with pytest.raises(InvalidArgumentError, match=r"--guided-weight.*predicting v_prediction"):
+        ESDTrainer(tiny_sd2_pipe(tmp_path / "sd2"), cfg, progress=False)
+    with pytest.raises(InvalidArgumentError, match=r"this base is SDXL"):
+        ESDTrainer(tiny_sdxl_pipe(tmp_path / "xl"), cfg.model_copy(update={"guided_weight": 0.0,
+                                                                            "adversarial_every": 5}), progress=False)
