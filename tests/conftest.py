@@ -51,6 +51,7 @@ def secured_server(tmp_path_factory):
     config.write_text(yaml.safe_dump({
         "lock": str(REPO / "service" / "packs.lock"), "device": "cpu", "threads": 4, "torch_threads": 1,
         "mandatory": ["striped"], "default_steps": 4,
+        "max_attack_success": None,  # the shipped packs do not hold under the red team (docs/robustness.md)
         "limits": {"max_steps": 8, "max_size": 64, "max_images": 2, "max_prompt_chars": 100, "max_guidance": 12.0},
         "auth": {"enabled": True, "keys_file": "keys.txt", "protect_metrics": True},
     }))
