@@ -427,7 +427,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None, help="Hub revision of --base")
     p.set_defaults(func=cmd_export)
 
-
     p = sub.add_parser("attack", help="red-team packs: try to bring their erased concepts back",
                        description="Every attack option below is a field of AttackConfig (erasure/config.py) and is "
                                    "recorded verbatim with --record. The judge is the toy oracle.")
