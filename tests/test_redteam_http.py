@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="the shipped v3 packs do not hold under attack yet (docs/robustness.md): a "
+                   "mandatory one is refused at start-up; remove this mark when a robust pack holds")
 @pytest.mark.parametrize("pack", ["circle", "red", "striped", "square"])
 def test_a_mandatory_shipped_pack_holds_against_every_request_field(pack, tmp_path):
     out = tmp_path / "http.json"
