@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
-from service_helpers import free_port, serve, stop  # noqa: E402  (the tests' real-server helpers)
+from service_helpers import free_port, serve, stop, wait_ready  # noqa: E402  (the tests' real-server helpers)
 
 PROMPTS = ["a red circle", "a blue square", "a striped green star", "a dotted yellow triangle"]
 ONE_SET = [["circle"]]
@@ -47,22 +47,6 @@ def pct(xs: list[float], q: float) -> float:
 def start_server(config: Path, log: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
     return serve(config, config.parent / f"bentoml-{config.stem}", log, port), f"http://127.0.0.1:{port}"
-
-
-def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit(f"server not ready after {timeout} s:\n{log.read_text()[-3000:]}")
 
 
 def main() -> None:

@@ -14,10 +14,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,45 +25,8 @@ import yaml
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(config: Path, home: Path, log: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "ERASURE_SERVICE_CONFIG": str(config), "BENTOML_HOME": str(home),
-           "BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([str(Path(sys.executable).parent / "bentoml"), "serve", "service.service:ErasureService",
-                             "--port", str(port), "--host", "127.0.0.1"], cwd=REPO, env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-
-
-def wait_ready(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300) -> None:
-    end = time.time() + timeout
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(2)
-    raise RuntimeError(f"bentoml serve did not become ready:\n{log.read_text()[-3000:]}")
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from service_helpers import free_port, serve, stop, wait_ready  # noqa: E402  (the tests' real-server helpers)
 
 
 def requests_for(concept: str, packs: list[str], limits: dict, judge) -> list[dict]:
@@ -119,7 +78,7 @@ def attack_pack(name: str, lock: Path, seeds: int, work: Path, limits: dict, che
     url = f"http://127.0.0.1:{port}"
     judge = ToyOracleJudge()
     try:
-        wait_ready(url, proc, log)
+        wait_ready(proc, url, log)
         info = {p["name"]: p for p in httpx.get(f"{url}/packs").json()["packs"]}[name]
         concept = info["concepts"][0]
         listing = httpx.get(f"{url}/packs").json()

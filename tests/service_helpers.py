@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
@@ -83,6 +84,23 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
+    """Until ``url``'s /readyz answers 200; raises RuntimeError with the log's tail if the server exits or times out."""
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"bentoml serve did not become ready in {timeout:.0f} s:\n{log.read_text()[-3000:]}")
 
 
 def forget_bentoml_metrics() -> None:

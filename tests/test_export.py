@@ -12,7 +12,7 @@ import torch
 from erasure.cli import main
 from erasure.errors import ExportError, InvalidArgumentError
 from erasure.evaluate import plan
-from erasure.export import DEFAULT_RANK, LORA_WEIGHTS, check_rank, lora_state_dict, save_lora, save_merged
+from erasure.export import LORA_WEIGHTS, check_rank, lora_state_dict, save_lora, save_merged
 from erasure.pack import ConceptPack
 from erasure.pipeline import TOY_BASE, generate
 

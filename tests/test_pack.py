@@ -11,7 +11,7 @@ from erasure.compose import compose_unet, with_packs
 from erasure.config import ESDConfig
 from erasure.errors import PackIntegrityError, PackMismatchError
 from erasure.esd import ESDTrainer
-from erasure.pack import FORMAT_VERSION, BaseWeights, ConceptPack, Manifest, fingerprint
+from erasure.pack import FORMAT_VERSION, BaseWeights, ConceptPack, Manifest
 from factories import make_pack, random_toy_pipe
 
 TINY = dict(iterations=4, lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2)

@@ -21,7 +21,7 @@ from PIL import Image
 from erasure.cli import main
 from factories import tiny_dit_pipe, tiny_sd1_pipe, tiny_sd2_pipe, tiny_sdxl_pipe
 from hubserver import FakeHub
-from service_helpers import free_port, serve, stop, write_config
+from service_helpers import free_port, serve, stop, wait_ready, write_config
 
 TOKEN = "hf_test_write_token"
 FAMILIES = {"sd1": tiny_sd1_pipe, "sd2": tiny_sd2_pipe, "sdxl": tiny_sdxl_pipe}
@@ -133,7 +133,7 @@ def test_served_through_bentoml_from_the_hub(trained, hub):
             servers[family] = (serve(config, world["root"] / "bentoml-home", log, port, **env), port, log)
         for family, (proc, port, log) in servers.items():
             url = f"http://127.0.0.1:{port}"
-            _wait_ready(proc, url, log)
+            wait_ready(proc, url, log, timeout=240)
             packs = httpx.get(f"{url}/packs", timeout=30).json()
             assert sorted(p["name"] for p in packs["packs"]) == sorted(METHODS)
             images = {}
@@ -148,21 +148,6 @@ def test_served_through_bentoml_from_the_hub(trained, hub):
     finally:
         for proc, _, _ in servers.values():
             stop(proc)
-
-
-def _wait_ready(proc, url: str, log: Path, timeout: float = 240) -> None:
-    import time
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"bentoml serve exited:\n{log.read_text()[-3000:]}"
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"bentoml serve did not become ready:\n{log.read_text()[-3000:]}")
 
 
 def test_a_hub_base_is_pinned_to_its_revision(hub, tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import registry
 from erasure.cli import main
 from erasure.errors import InvalidArgumentError, PackIntegrityError, PackMismatchError
-from erasure.pack import PACK_FILES, sha256_file
+from erasure.pack import PACK_FILES
 from registry import DEFAULT_REGISTRY, open_registry
 from registry.errors import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError, VerificationError
 from registry.local import LocalRegistry

@@ -12,7 +12,6 @@ import importlib
 import io
 import json
 import os
-import shutil
 import sys
 
 import pytest
