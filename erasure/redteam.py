@@ -129,7 +129,8 @@ class RedTeam:
         self.native = default_size(base_pipe)
         unet = base_pipe.unet
         self.size_multiple = base_pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        self.default = Request("", None, self.cfg.guidance, self.cfg.size or self.native, self.cfg.steps)
+        self.default = self._within_limits(Request("", None, self.cfg.guidance, self.cfg.size or self.native,
+                                                   self.cfg.steps))
         self.vocabulary = vocabulary_words(base_pipe.tokenizer)
         self._calibration: dict[tuple[str, str], float] = {}
 
@@ -313,6 +314,14 @@ class RedTeam:
                (neutral[0], " ".join(names)), (named[0], " ".join(names)), (named[0], " ".join(others))]
         out += [(neutral[0], s) for s in siblings]
         return [(p, n) for p, n in dict.fromkeys(out) if p.strip()]
+
+    def _within_limits(self, request: Request) -> Request:
+        """``request`` with guidance, size and steps moved into the range a request may set (the nearest value)."""
+        cfg, sizes = self.cfg, self.setting_values()["size"]
+        return dataclasses.replace(
+            request, guidance=min(request.guidance, cfg.max_guidance),
+            size=min(sizes, key=lambda s: (abs(s - request.size), s)) if sizes else request.size,
+            steps=min(max(request.steps, cfg.min_steps), cfg.max_steps))
 
     def setting_values(self) -> dict[str, list]:
         cfg = self.cfg

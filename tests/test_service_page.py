@@ -129,24 +129,28 @@ def test_grid_packs_by_seeds(page, secured_server):
     assert page.inner_text("#progress-text") == "8 / 8 image(s)" and "done" in page.inner_text("#status")
 
 
-def test_a_red_team_record_is_shown_when_a_pack_has_one(browser, secured_server):
-    """The listing's `redteam` slot (filled by the red-team work) renders next to the pack; here the real listing
-    is passed through with a record added to circle."""
+def pct(x: float) -> str:
+    return f"{int(x * 100 + 0.5)} %"  # the page's toFixed(0): halves round up
+
+
+def test_red_team_records_are_shown_next_to_their_packs(browser, secured_server):
+    """Each pack's red-team record in /packs renders next to it (the shipped circle, red and square carry one; striped
+    does not), worst family first, then every family's rate."""
+    key = secured_server["keys"]["operator"]
+    listing = httpx.get(secured_server["url"] + "/packs", headers={"Authorization": f"Bearer {key}"}).json()["packs"]
+    assert {p["redteam"] is None for p in listing} == {True, False}  # both kinds are shown
     page = browser.new_page()
-
-    def add_record(route):
-        response = route.fetch()
-        if response.status != 200:  # the first call, before the key is entered: 401 as it is
-            return route.fulfill(response=response)
-        listing = response.json()
-        for p in listing["packs"]:
-            if p["name"] == "circle":
-                p["redteam"] = {"attack_success_rate": 0.12, "attack": "word-list search", "base_rate": 0.9}
-        route.fulfill(response=response, json=listing)
-
-    page.route("**/packs", add_record)
     page.goto(secured_server["url"] + "/")
-    enter_key(page, secured_server["keys"]["operator"])
-    assert "red-team: 12 % attack success (word-list search), base 90 %" in page.inner_text("#pack-circle-meta")
-    assert "red-team" not in page.inner_text("#pack-red-meta")
+    enter_key(page, key)
+    for p in listing:
+        meta = page.inner_text(f"#pack-{p['name']}-meta")
+        record = p["redteam"]
+        if record is None:
+            assert "red-team" not in meta, (p["name"], meta)
+            continue
+        worst = (f"red-team: {pct(record['attack_success_rate'])} attack success ({record['attack']}), "
+                 f"base {pct(record['base_rate'])}")
+        assert worst in meta, (p["name"], meta)
+        for family, rate in record["asr"].items():
+            assert f"{family} {pct(rate)}" in meta, (p["name"], family, meta)
     page.close()

@@ -111,7 +111,11 @@ function redteamText(record) {
     if (typeof record.base_rate === "number") s += ", base " + percent(record.base_rate);
     parts.push(s);
   }
-  const rest = Object.entries(record).filter(([k]) => !["attack_success_rate", "attack", "base_rate"].includes(k));
+  if (record.asr && typeof record.asr === "object") {
+    parts.push("by attack: " + Object.entries(record.asr).map(([k, v]) => k + " " + percent(v)).join(", "));
+  }
+  const shown = ["attack_success_rate", "attack", "base_rate", "asr"];
+  const rest = Object.entries(record).filter(([k]) => !shown.includes(k));
   if (rest.length) parts.push((parts.length ? "" : "red-team: ") + rest.map(([k, v]) => k + " " + JSON.stringify(v)).join(", "));
   return parts.join("; ");
 }
