@@ -106,10 +106,11 @@ def request_schema(limits: Limits, size_multiple: int, packs: list[str]) -> dict
         props["packs"]["items"] = {"type": "string", "enum": sorted(packs)}
     else:
         props["packs"]["maxItems"] = 0
-    props["steps"].update(maximum=limits.max_steps)
+    props["steps"].update(minimum=max(props["steps"].get("minimum", 1), limits.min_steps), maximum=limits.max_steps)
     props["guidance_scale"].update(maximum=limits.max_guidance)
     for side in ("width", "height"):
-        props[side].update(minimum=size_multiple, maximum=limits.max_size // size_multiple * size_multiple,
+        props[side].update(minimum=max(size_multiple, -(-limits.min_size // size_multiple) * size_multiple),
+                           maximum=limits.max_size // size_multiple * size_multiple,
                            multipleOf=size_multiple)
     # image i uses seed + i: the seed leaves room for the most images a request may ask for
     props["seed"].update(maximum=MAX_SEED - limits.max_images + 1)

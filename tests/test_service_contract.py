@@ -56,6 +56,9 @@ def test_the_document_follows_the_configuration():
     assert p["prompt"]["maxLength"] == p["negative_prompt"]["maxLength"] == 50 and p["prompt"]["pattern"] == r"\S"
     assert p["packs"]["items"]["enum"] == ["a", "b"] and p["packs"]["uniqueItems"]
     assert p["seed"]["maximum"] == 2**53 - 1 and p["negative_prompt"]["nullable"] and p["steps"]["nullable"]
+    shipped = _request(openapi_document(spec, limits=Limits(min_steps=4, min_size=48), size_multiple=16, packs=[],
+                                        auth=None))
+    assert (shipped["steps"]["minimum"], shipped["width"]["minimum"], shipped["height"]["minimum"]) == (4, 48, 48)
     q = _request(big)
     assert (q["steps"]["maximum"], q["width"]["maximum"], q["height"]["multipleOf"]) == (50, 128, 64)
     assert q["packs"]["maxItems"] == 0  # nothing loaded: any name would be refused
