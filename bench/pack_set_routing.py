@@ -17,10 +17,7 @@ import itertools
 import json
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,34 +27,10 @@ import httpx
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-BENTOML = str(Path(sys.executable).parent / "bentoml")
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+from service_helpers import free_port, serve, stop, wait_ready  # noqa: E402  (the tests' real-server helpers)
+
 PACKS = ["circle", "red", "striped", "square"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_replica(config: Path, home: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "ERASURE_SERVICE_CONFIG": str(config), "BENTOML_HOME": str(home),
-           "BENTOML_DO_NOT_TRACK": "True", "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen([BENTOML, "serve", "service.service:ErasureService", "--port", str(port), "--host",
-                             "127.0.0.1"], cwd=REPO, env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def wait_ready(url: str, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(1)
-    raise SystemExit(f"{url} did not become ready")
 
 
 def pack_set_key(packs: list[str]) -> str:
@@ -121,16 +94,14 @@ def main() -> None:
                     "lock": str(REPO / "service" / "packs.lock"), "device": "cpu", "threads": 1, "workers": 1,
                     "precompose": False, "pack_set_cache": args.cache, "torch_threads": 1}))
                 port = free_port()
-                procs.append(start_replica(config, work / f"home-{policy}-{k}", port, work / f"{policy}-{k}.log"))
+                procs.append(serve(config, work / f"home-{policy}-{k}", work / f"{policy}-{k}.log", port))
                 urls.append(f"http://127.0.0.1:{port}")
-            for url in urls:
-                wait_ready(url)
+            for k, (proc, url) in enumerate(zip(procs, urls)):
+                wait_ready(proc, url, work / f"{policy}-{k}.log")
             report[policy] = run(urls, sets, order, policy, args.steps)
         finally:
             for proc in procs:
-                if proc.poll() is None:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                    proc.wait(60)
+                stop(proc)
     report["loadavg_end"] = os.getloadavg()
     print(json.dumps(report, indent=2))
 

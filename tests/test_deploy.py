@@ -150,7 +150,9 @@ def test_two_workers_serve_the_same_packs_and_the_same_bytes(tmp_path, toy_pipe)
     """`workers: 2` in one `bentoml serve`: each worker loads and verifies the lock on its own; both report the
     same pack shas and give the same bytes for the same request (what replicas behind a load balancer must do)."""
     lock = make_world(tmp_path, toy_pipe.unet, packs={"circle": ("circle",), "red": ("red",)})
-    config = write_config(tmp_path / "config.yaml", lock, workers=2, threads=2, default_steps=4)
+    # batching off: concurrent identical requests would share a batch, which moves pixels by up to 1/255
+    # (service/README.md, "Batching"); this checks the workers' packs and bytes, so each image is a batch of one
+    config = write_config(tmp_path / "config.yaml", lock, workers=2, threads=2, default_steps=4, batching=False)
     port, log = free_port(), tmp_path / "serve.log"
     proc = serve(config, tmp_path / "home", log, port)
     url = f"http://127.0.0.1:{port}"
