@@ -36,8 +36,8 @@ if TYPE_CHECKING:
 
 Rank = Union[int, Literal["full"]]
 FORMATS = ("lora", "merged")
-# The smallest rank whose erasure table is known to read as the pack's on every shipped toy pack: full (exact)
-# until bench/lora_fidelity.py shows a smaller one holds (docs/export.md).
+# Full rank is the pack to float rounding, so the pack's red-team record applies to it; rank 4 keeps the erasure
+# table of every shipped toy pack but was never red-teamed (docs/export.md).
 DEFAULT_RANK: Rank = "full"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the file name diffusers' load_lora_weights looks for
 CARD = "README.md"
