@@ -153,7 +153,13 @@ class AttackConfig(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> "AttackConfig":
-        for low, high in (("min_steps", "max_steps"), ("min_size", "max_size")):
-            if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
-        return self
+        return check_request_ranges(self)
+
+
+def check_request_ranges(model: BaseModel) -> BaseModel:
+    """Refuses ``min_steps`` above ``max_steps`` or ``min_size`` above ``max_size`` (the attack's request range and
+    the service's limits: the same fields, so the same rule)."""
+    for low, high in (("min_steps", "max_steps"), ("min_size", "max_size")):
+        if getattr(model, low) > getattr(model, high):
+            raise ValueError(f"{low} {getattr(model, low)} is above {high} {getattr(model, high)}")
+    return model

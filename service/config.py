@@ -16,6 +16,7 @@ from typing import Literal
 import yaml  # PyYAML: already a BentoML dependency (bentofile.yaml), no new requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from erasure.config import check_request_ranges
 from erasure.errors import InvalidArgumentError
 
 CONFIG_ENV = "ERASURE_SERVICE_CONFIG"
@@ -48,10 +49,7 @@ class Limits(BaseModel):
 
     @model_validator(mode="after")
     def _ranges(self) -> "Limits":
-        for low, high in (("min_steps", "max_steps"), ("min_size", "max_size")):
-            if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
-        return self
+        return check_request_ranges(self)
 
 
 class Auth(BaseModel):

@@ -253,6 +253,8 @@ def test_startup_refuses_bad_configuration(tmp_path, toy_pipe):
         _runtime(write_config(tmp_path / "d.yaml", lock, limits={"max_steps": 0}))
     with pytest.raises(InvalidArgumentError, match="unknown_option"):
         _runtime(write_config(tmp_path / "e.yaml", lock, unknown_option=1))
+    with pytest.raises(InvalidArgumentError, match="min_steps 9 is above max_steps 8"):
+        _runtime(write_config(tmp_path / "f.yaml", lock, limits={"min_steps": 9, "max_steps": 8}))
 
 
 def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_bar(tmp_path, toy_pipe, caplog):
