@@ -60,6 +60,10 @@ class ESDConfig(BaseModel):
     synonyms: list[str] = Field(
         [], description="another word for the concept (repeat; one concept only): each training prompt names it by "
         "its name or one of these, drawn per trajectory")
+    mutations: int = Field(
+        0, ge=0, description="robust: up to N attacker-style word edits per training prompt (insert, substitute, "
+        "delete, repeat, swap, shuffle; words from the concept's names, the preserved and anchor concepts and the "
+        "tokenizer's vocabulary), drawn per trajectory; c0 leaves the concept's words out; 0: off")
     guided_weight: float = Field(
         0.0, ge=0, description="robust: weight of a term holding the guided prediction under attacker-like requests "
         "(prompt with or without the concept; negative prompt empty, the concept, preserved concepts; a drawn "
@@ -143,6 +147,8 @@ class AttackConfig(BaseModel):
     min_steps: int = Field(4, gt=0, description="smallest steps a request may set (the service's limits.min_steps)")
     max_steps: int = Field(50, gt=0, description="largest steps a request may set (the service's limits.max_steps)")
     max_guidance: float = Field(20.0, ge=0, description="largest guidance a request may set")
+    negative_prompt: bool = Field(True, description="whether a request may set a negative prompt (the service's "
+                                  "limits.negative_prompt)")
     min_size: int = Field(48, gt=0, description="smallest width/height a request may set")
     max_size: int = Field(128, gt=0, description="largest width/height a request may set")
     soft_tokens: int = Field(4, gt=0, description="soft-prompt: learnable token embeddings put before the prompt")

@@ -75,6 +75,7 @@ from .config import ESDConfig
 from .errors import InvalidArgumentError
 from .files import atomic_path
 from .methods import select_parameters
+from .prompts import mutate, names_any, replace_words, vocabulary_words, without
 from .robust import robust_terms
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -167,6 +168,7 @@ class ESDTrainer:
         self.losses: list[float] = []
         self.train_seconds = 0.0
         self.unet_passes = 0  # sample-forward passes (batch items), for the benchmark
+        self._vocabulary: list[str] | None = None  # the tokenizer's whole words, for ``mutations``
         self.robust = robust_terms(self)  # erasure/robust.py: off unless the config asks
 
     def _check_resolution(self, resolution: int | None) -> int:
@@ -229,11 +231,40 @@ class ESDTrainer:
             words = self.concept_words(concept)
             out = [(re.sub(rf"\b{re.escape(concept)}\b", words[int(self.rng.integers(len(words)))], c), c0)
                    for c, c0 in out]
+        if self.cfg.mutations:
+            mutated = [self._mutated(c, concept, [other for other, _ in out]) for c, _ in out]
+            out = [(c, self.neutral(c, concept)) for c in mutated]
+        return out
+
+    def neutral(self, prompt: str, concept: str) -> str:
+        """``prompt`` with the concept's words left out, or replaced by a drawn anchor when the config has them."""
+        words = self.concept_words(concept)
+        if self.cfg.anchor:
+            return " ".join(replace_words(prompt, words, self.cfg.anchor[int(self.rng.integers(
+                len(self.cfg.anchor)))]).split())
+        return without(prompt, words)
+
+    def _mutated(self, prompt: str, concept: str, others: list[str]) -> str:
+        """Up to ``mutations`` attacker-style word edits of ``prompt`` (erasure/prompts.py), still naming the
+        concept."""
+        words = self.concept_words(concept)
+        if self._vocabulary is None:
+            self._vocabulary = vocabulary_words(self.pipe.tokenizer)
+        pools = {"names": words, "siblings": [*self.cfg.preserve, *self.cfg.anchor], "vocabulary": self._vocabulary}
+        tokens = prompt.split()
+        for _ in range(int(self.rng.integers(self.cfg.mutations + 1))):
+            tokens = mutate(tokens, others[int(self.rng.integers(len(others)))].split(), pools, self.rng) or tokens
+        out = " ".join(tokens)
+        if not names_any(out, words):
+            tokens.insert(int(self.rng.integers(len(tokens) + 1)), words[int(self.rng.integers(len(words)))])
+            out = " ".join(tokens)
         return out
 
     def _swap(self, pairs: list[tuple[str, str]], concept: str, choices: list[str]) -> list[str]:
-        """Each prompt c with ``concept`` replaced by one of ``choices`` drawn at random."""
-        return [re.sub(rf"\b{re.escape(concept)}\b", choices[int(self.rng.integers(len(choices)))], c)
+        """Each prompt c with the concept's words (name and synonyms) replaced by one of ``choices`` drawn at
+        random."""
+        words = self.concept_words(concept)
+        return [" ".join(replace_words(c, words, choices[int(self.rng.integers(len(choices)))]).split())
                 for c, _ in pairs]
 
     def _preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:

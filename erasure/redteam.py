@@ -48,6 +48,7 @@ from .config import AttackConfig
 from .errors import InvalidArgumentError, UnsupportedBaseError
 from .judges import Judge
 from .pack import AttackFigure, ConceptPack, RedTeamRecord
+from .prompts import mutate, vocabulary_words
 from .softprompt import SUPPORTED_FAMILIES, SoftPromptEncoder
 
 ATTACK_VERSION = 1
@@ -101,17 +102,6 @@ class Scored:
     @property
     def key(self) -> tuple[float, float]:
         return (self.rate, self.score)
-
-
-def vocabulary_words(tokenizer) -> list[str]:
-    """Whole words of the tokenizer's vocabulary (tokens ending a word, letters only, 'a' and 2+ letters)."""
-    words = set()
-    for token in tokenizer.get_vocab():
-        if token.endswith("</w>"):
-            w = token[: -len("</w>")]
-            if w.isalpha() and (len(w) > 1 or w == "a"):
-                words.add(w)
-    return sorted(words)
 
 
 class RedTeam:
@@ -195,37 +185,6 @@ class RedTeam:
         n = len(self.base.tokenizer(prompt, add_special_tokens=False).input_ids)
         return 0 < n <= self.base.tokenizer.model_max_length - 2
 
-    def _mutate(self, words: list[str], other: list[str], pools: dict[str, list[str]],
-                rng: np.random.Generator) -> list[str]:
-        def draw() -> str:
-            names = [k for k in ("names", "siblings", "others", "vocabulary") if pools[k]]
-            weights = np.array([{"names": 3, "siblings": 1.5, "others": 2.5, "vocabulary": 3}[k] for k in names])
-            pool = pools[names[rng.choice(len(names), p=weights / weights.sum())]]
-            return pool[int(rng.integers(len(pool)))]
-
-        w = list(words)
-        op = rng.choice(["substitute", "insert", "delete", "repeat", "swap", "shuffle", "crossover"],
-                        p=[0.25, 0.25, 0.12, 0.1, 0.1, 0.06, 0.12])
-        i = int(rng.integers(len(w)))
-        if op == "substitute":
-            w[i] = draw()
-        elif op == "insert":
-            w.insert(int(rng.integers(len(w) + 1)), draw())
-        elif op == "delete" and len(w) > 1:
-            del w[i]
-        elif op == "repeat":
-            w.insert(i, w[i])
-        elif op == "swap" and len(w) > 1:
-            j = int(rng.integers(len(w)))
-            w[i], w[j] = w[j], w[i]
-        elif op == "shuffle":
-            w = list(rng.permutation(w))
-        elif op == "crossover" and other:
-            w = w[: i + 1] + other[int(rng.integers(len(other))) :]
-        else:
-            w.insert(int(rng.integers(len(w) + 1)), draw())
-        return " ".join(w).split()
-
     def _search(self, pipe, concept: str, initial: list, neighbours, desc: str) -> tuple[list[Scored], int]:
         """Score ``initial``, then ``neighbours(population, rng)`` candidates until the budget is spent (or a
         candidate shows the concept on every search seed); returns every scored candidate, best first."""
@@ -290,7 +249,7 @@ class RedTeam:
                 a, b = (top[int(rng.integers(len(top)))] for _ in range(2))
                 parent = max(a, b, key=lambda s: s.key).attack
                 other = top[int(rng.integers(len(top)))].attack.prompt.split()
-                words = self._mutate(parent.prompt.split(), other, pools, rng)
+                words = mutate(parent.prompt.split(), other, pools, rng)
                 prompt = " ".join(words)
                 if prompt and self._max_words_ok(prompt):
                     out.append(dataclasses.replace(self.default, prompt=prompt))
@@ -303,7 +262,7 @@ class RedTeam:
     def framings(self, concept: str, rng: np.random.Generator) -> list[tuple[str, str | None]]:
         """(prompt, negative prompt) pairs: plain prompts naming the concept, prompts leaving it out, and negative
         prompts naming its siblings, each sibling, the concept itself (an erased word can push towards it when
-        negated) and other words."""
+        negated) and other words; no negative prompts where the request range has none."""
         j = self.judge
         named = j.prompts(concept, 1, rng, "train") + j.prompts(concept, 1, rng, "heldout")
         neutral = j.neutral_prompts(concept, 2, rng)
@@ -313,6 +272,8 @@ class RedTeam:
                (named[0], " ".join(siblings)), (neutral[0], " ".join(siblings)), (neutral[1], " ".join(siblings)),
                (neutral[0], " ".join(names)), (named[0], " ".join(names)), (named[0], " ".join(others))]
         out += [(neutral[0], s) for s in siblings]
+        if not self.cfg.negative_prompt:  # a service with limits.negative_prompt false refuses them
+            out = [(p, None) for p, _ in out]
         return [(p, n) for p, n in dict.fromkeys(out) if p.strip()]
 
     def _within_limits(self, request: Request) -> Request:

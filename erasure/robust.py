@@ -7,9 +7,10 @@ controls p, n and g, and a white-box attacker the text embeddings themselves. Tw
 * ``GuidedTerm`` (``guided_weight``): on states x_t sampled under requests an attacker might send (p the training
   prompt with or without the concept; n empty, the concept prompt, the preserved concepts, or a sibling prompt;
   g drawn from ``guided_scales``), the guided prediction of the UNet being trained is held to the base's guided
-  prediction of the same request with the concept guided away:
+  prediction of the same request with the concept's words left out of p and n (p-, n-: ESD's c0 rule, anchors
+  included) and the concept guided away:
 
-      target = eps*(x, n) + g (eps*(x, p) - eps*(x, n)) - g eta (eps*(x, c) - eps*(x, c0))
+      target = eps*(x, n-) + g (eps*(x, p-) - eps*(x, n-)) - g eta (eps*(x, c) - eps*(x, c0))
 
   (g <= 1 is the conditional prediction alone, as diffusers samples it). With p = c and n = "" this is ESD's
   objective seen through the guidance; the other requests are where a pack trained on eps(x, c) alone gives way
@@ -26,28 +27,15 @@ Example:
 
 from __future__ import annotations
 
-import re
-
 import torch
 import torch.nn.functional as F
 
 from .conditioning import FAMILIES, Conditioning
 from .errors import InvalidArgumentError
+from .prompts import replace_words, without
 from .softprompt import SoftPromptEncoder
 
 SUPPORTED = ("sd", "epsilon")  # the family and prediction type the terms are tested on (the toy base)
-
-
-def without(prompt: str, words) -> str:
-    """``prompt`` with every whole-word occurrence of ``words`` removed ("a dotted red circle" -> "a dotted
-    circle")."""
-    return " ".join(replace_words(prompt, words, " ").split())
-
-
-def replace_words(prompt: str, words, by: str) -> str:
-    """``prompt`` with every whole-word occurrence of ``words`` replaced by ``by``."""
-    pattern = "|".join(re.escape(w) for w in sorted(words, key=len, reverse=True))
-    return re.sub(rf"\b(?:{pattern})\b", by, prompt)
 
 
 class GuidedTerm:
@@ -83,8 +71,13 @@ class GuidedTerm:
         g = torch.tensor([max(1.0, f[2]) for f in framings])
         states, _, _ = tr.sample(p, steps, uncond=n, guidance=g)
         c, c0 = tr._embed_pairs(pairs)
+        # the target guides with the concept left out of both prompts (or anchored): negating the concept must not
+        # steer towards it; the concept prompt's own erasure is the -g eta (eps*(c) - eps*(c0)) part
+        p_free = tr.encode([tr.neutral(f[0], concept) for f in framings])
+        n_free = tr.encode([tr.neutral(f[1], concept) for f in framings])
         self.pool[concept] = {"x": torch.cat(states[:steps]), "t": tr.timesteps[:steps].repeat_interleave(k),
                               "p": p.repeat(steps), "n": n.repeat(steps), "g": g.repeat(steps),
+                              "p_free": p_free.repeat(steps), "n_free": n_free.repeat(steps),
                               "c": c.repeat(steps), "c0": c0.repeat(steps)}
 
     def loss(self, concept: str) -> torch.Tensor:
@@ -97,7 +90,7 @@ class GuidedTerm:
         b, gv = x.shape[0], g.view(-1, 1, 1, 1)
         with torch.no_grad():
             e_n, e_p, e_c, e_c0 = tr.predict(tr.frozen, x.repeat(4, 1, 1, 1), t.repeat(4), Conditioning.cat(
-                [n, p, pool["c"][idx], pool["c0"][idx]])).chunk(4)
+                [pool["n_free"][idx], pool["p_free"][idx], pool["c"][idx], pool["c0"][idx]])).chunk(4)
             target = e_n + gv * (e_p - e_n) - gv * cfg.eta * (e_c - e_c0)
         pred_n, pred_p = tr.predict(tr.unet, x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([n, p])).chunk(2)
         tr.unet_passes += 6 * b

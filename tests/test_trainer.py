@@ -162,6 +162,37 @@ def test_anchor_names_another_concept_in_c0(random_pipe):
     assert {w for _, c0 in pairs for w in c0.split() if w in ("circle", "star")} == {"circle", "star"}
 
 
+def test_preserved_prompts_replace_every_word_naming_the_concept(random_pipe):
+    # a synonym left in the preserved prompt would hold the erased concept itself to the base
+    cfg = ESDConfig(concepts=["red"], templates=["toy"], synonyms=["crimson", "scarlet"], preserve=["green", "blue"])
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    pairs = trainer.prompts("red", 40)
+    assert {w for c, _ in pairs for w in c.split()} >= {"red", "crimson", "scarlet"}
+    for (c, _), kept in zip(pairs, trainer._preserve_prompts(pairs, "red")):
+        assert not {"red", "crimson", "scarlet"} & set(kept.split())
+        assert {"green", "blue"} & set(kept.split())
+
+
+def test_mutated_prompts_still_name_the_concept_and_c0_leaves_it_out(random_pipe):
+    from erasure.prompts import names_any
+
+    words = ["circle", "disc", "disk"]
+    cfg = ESDConfig(concepts=["circle"], templates=["toy"], synonyms=words[1:], mutations=4, preserve=["square"])
+    pairs = ESDTrainer(random_pipe, cfg, progress=False).prompts("circle", 60)
+    from erasure.toy.world import TRAIN_TEMPLATES
+
+    starts = {t.split("{obj}")[0].strip() for t in TRAIN_TEMPLATES}
+    assert sum(not any(c.startswith(s) for s in starts if s) for c, _ in pairs) > 5  # off the training grammar
+    for c, c0 in pairs:
+        assert names_any(c, words) and not names_any(c0, words)
+        assert c0.split() == [w for w in c.split() if w not in words]
+    again = ESDTrainer(random_pipe, cfg, progress=False).prompts("circle", 60)
+    assert again == pairs  # seeded
+    anchored = cfg.model_copy(update={"anchor": ["star"], "preserve": []})
+    for c, c0 in ESDTrainer(random_pipe, anchored, progress=False).prompts("circle", 20):
+        assert c0.split() == ["star" if w in words else w for w in c.split()]
+
+
 def test_an_erased_concept_cannot_be_its_own_anchor_or_preserved():
     with pytest.raises(ValueError, match="anchor names an erased concept"):
         ESDConfig(concepts=["square"], anchor=["circle", "square"])
