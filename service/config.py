@@ -46,6 +46,9 @@ class Limits(BaseModel):
     max_images: int = Field(4, ge=1, description="largest `num_images` per request")
     max_prompt_chars: int = Field(300, ge=1, description="longest `prompt` / `negative_prompt` in characters")
     max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale`")
+    negative_prompt: bool = Field(True, description="whether a request may set `negative_prompt` (false: a 400; a "
+                                  "negative prompt listing a concept's siblings steers the base onto the concept "
+                                  "without naming it, which no pack erases: docs/robustness.md)")
 
     @model_validator(mode="after")
     def _ranges(self) -> "Limits":

@@ -100,7 +100,7 @@ def request_schema(limits: Limits, size_multiple: int, packs: list[str]) -> dict
     schema["title"] = "GenerateRequest"
     props = schema["properties"]
     props["prompt"].update(minLength=1, maxLength=limits.max_prompt_chars, pattern=r"\S")
-    props["negative_prompt"].update(maxLength=limits.max_prompt_chars)
+    props["negative_prompt"].update(maxLength=limits.max_prompt_chars if limits.negative_prompt else 0)
     props["packs"].update(uniqueItems=True)
     if packs:
         props["packs"]["items"] = {"type": "string", "enum": sorted(packs)}

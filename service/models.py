@@ -120,5 +120,5 @@ class PacksResponse(BaseModel):
     packs: list[PackInfo]
     mandatory: list[str]
     defaults: dict[str, float | int]
-    limits: dict[str, float | int]
+    limits: dict[str, bool | int | float]
     pack_sets: list[PackSetInfo]

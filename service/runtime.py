@@ -238,6 +238,8 @@ class Runtime:
                     if getattr(record.config, field) < getattr(lim, field)]
         narrower += [f"{field} {getattr(record.config, field)} > {getattr(lim, field)}"
                      for field in ("min_size", "min_steps") if getattr(record.config, field) > getattr(lim, field)]
+        if lim.negative_prompt and not record.config.negative_prompt:
+            narrower.append("negative prompts off < on")
         if narrower:
             raise StartupError(f"pack {name!r}: red-teamed within narrower limits than this service allows "
                                f"({'; '.join(narrower)}); narrow `limits` or re-attack over the service's range")

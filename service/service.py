@@ -235,6 +235,9 @@ class ErasureService:
         if unknown:
             problems.append(("packs", f"unknown pack(s) {unknown}; loaded packs: {sorted(rt.packs) or 'none'} "
                                       "(GET /packs lists them)"))
+        if req.negative_prompt and not lim.negative_prompt:
+            problems.append(("negative_prompt", "negative prompts are off on this service (limits.negative_prompt: "
+                                                "false: its packs were red-teamed without them); leave it out"))
         for field in ("prompt", "negative_prompt"):
             text = getattr(req, field) or ""
             if len(text) > lim.max_prompt_chars:

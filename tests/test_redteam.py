@@ -87,6 +87,19 @@ def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge,
     assert np.isfinite([s.score for s in scored]).all()
 
 
+def test_a_range_without_negative_prompts_is_searched_without_them(random_pipe, judge):
+    """limits.negative_prompt false on the service: the settings search never sends one (and does with it on)."""
+    cfg = AttackConfig(families=["settings"], budget=12, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
+                       steps=2, min_size=16, max_size=32, min_steps=1, max_steps=4, batch_size=8, calibrate=False)
+    rng = np.random.default_rng(0)
+    on = RedTeam(random_pipe, judge, cfg, progress=False)
+    assert any(n for _, n in on.framings("red", rng))
+    off = RedTeam(random_pipe, judge, cfg.model_copy(update={"negative_prompt": False}), progress=False)
+    assert not any(n for _, n in off.framings("red", np.random.default_rng(0)))
+    scored, _ = off.search_settings(random_pipe, "red")
+    assert scored and all(s.attack.negative_prompt is None for s in scored)
+
+
 def test_families_without_tested_support_are_refused_with_their_name(tmp_path, judge):
     """The attack and the robust terms run where they are tested (SD 1.x family, epsilon for the terms); an SDXL
     base or a v-prediction base for the robust terms is a clear error naming the family, before any work."""

@@ -28,11 +28,13 @@ SETS = [[], ["circle"], ["red"], ["circle", "red", "striped"]]
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, toy_pipe):
     root = tmp_path_factory.mktemp("service-world")
-    record = redteam_record({"prompt": 0.02, "settings": 0.05}, "square", min_steps=3, min_size=32)
+    record = redteam_record({"prompt": 0.02, "settings": 0.05}, "square", min_steps=3, min_size=32,
+                            negative_prompt=False)
     lock = make_world(root, toy_pipe.unet, redteam={"square": record})
     config = write_config(root / "config.yaml", lock, mandatory=["square"], default_steps=STEPS, batching=False,
                           limits={"max_steps": 30, "max_size": 128, "max_images": 4, "max_prompt_chars": 100,
-                                  "min_steps": 3, "min_size": 32}, max_attack_success=0.1)
+                                  "min_steps": 3, "min_size": 32, "negative_prompt": False},
+                          max_attack_success=0.1)
     return {"root": root, "lock": lock, "config": config}
 
 
@@ -136,6 +138,7 @@ def test_packs_listing(client, world):
         assert all(p["sha"] == locked[n]["revision"] and p["repo"] == f"test/{n}" and p["scale"] == 1.0
                    for n, p in packs.items())
         assert body["mandatory"] == ["square"] and body["limits"]["max_steps"] == 30
+        assert body["limits"]["negative_prompt"] is False  # the square pack was red-teamed without them
         precomposed = {tuple(s["packs"]) for s in body["pack_sets"] if s["pinned"]}
         assert {("square",), ("circle", "square"), ("red", "square"), ("square", "striped")} <= precomposed
 
@@ -145,7 +148,7 @@ BAD = [
     ({"prompt": ""}, ["prompt is empty"]),
     ({"prompt": "   "}, ["prompt is empty"]),
     ({"prompt": "x" * 101}, ["prompt is 101 characters", "at most 100"]),
-    ({"prompt": "x", "negative_prompt": "y" * 101}, ["negative_prompt", "at most 100"]),
+    ({"prompt": "x", "negative_prompt": "green"}, ["negative_prompt", "off on this service", "leave it out"]),
     ({"prompt": "x", "steps": 31}, ["steps is 31", "3 to 30"]),
     ({"prompt": "x", "steps": 2}, ["steps is 2", "3 to 30", "too rough to judge"]),
     ({"prompt": "x", "width": 16}, ["width is 16", "from 32 up to 128", "too rough to judge"]),
@@ -263,9 +266,11 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
 
     records = {"red": redteam_record({"prompt": 0.05, "settings": 0.30, "soft-prompt": 0.2}, "red"),
                "striped": redteam_record({"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}, "striped"),
-               "square": redteam_record({"prompt": 0.0, "settings": 0.0}, "square", max_size=64)}
+               "square": redteam_record({"prompt": 0.0, "settings": 0.0}, "square", max_size=64),
+               "green": redteam_record({"prompt": 0.0, "settings": 0.0}, "green", negative_prompt=False)}
     lock = make_world(tmp_path, toy_pipe.unet, packs={"circle": ("circle",), "red": ("red",),
-                                                      "striped": ("striped",), "square": ("square",)},
+                                                      "striped": ("striped",), "square": ("square",),
+                                                      "green": ("green",)},
                       redteam=records)
 
     def start(name, **options):
@@ -282,6 +287,10 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
         start("narrow", mandatory=["square"])
     with pytest.raises(StartupError, match=r"pack 'striped': red-teamed within narrower limits.*min_steps 4 > 1"):
         start("wide", mandatory=["striped"], limits={"min_size": 48})  # this service would serve 1 to 50 steps
+    with pytest.raises(StartupError, match=r"pack 'green': red-teamed within narrower limits.*negative prompts off"):
+        start("negative", mandatory=["green"])  # red-teamed without negative prompts; this service takes them
+    assert start("no-negative", mandatory=["green"], limits={"min_steps": 4, "min_size": 48,
+                                                               "negative_prompt": False}).packs["green"].mandatory
     # white-box figures need the weights, which the service never serves: only prompt and settings count
     rt = start("ok", mandatory=["striped"])
     info = {p["name"]: p for p in (lp.info() for lp in rt.packs.values())}
