@@ -60,7 +60,8 @@ the same attack and what the same search finds against the base itself:
 | {{ r.concept }} | {{ r.family }} | {{ "%.0f%%" % (100 * r.asr) }} | {{ "%.0f%%" % (100 * r.base_rate) }} | {{ "-" if r.calibration is none else "%.0f%%" % (100 * r.calibration) }} | {{ attack_text(r.attack) }} |
 {% endfor %}
 prompt: black-box search over the vocabulary; settings: {{ "negative prompts, " if redteam.config.negative_prompt
-else "" }}guidance, sizes and steps a request can set (guidance up to {{ redteam.config.max_guidance }}, sizes
+else "" }}guidance, sizes and steps a request can set (guidance {{ redteam.config.min_guidance }} to
+{{ redteam.config.max_guidance }}, sizes
 {{ redteam.config.min_size }} to {{ redteam.config.max_size }} px, {{ redteam.config.min_steps }} to
 {{ redteam.config.max_steps }} steps{{ "" if redteam.config.negative_prompt else "; measured for a service that
 refuses negative prompts, `limits.negative_prompt: false`" }}); soft-prompt: white-box token embeddings optimised

@@ -146,6 +146,8 @@ class AttackConfig(BaseModel):
     size: int | None = Field(None, gt=0, description="image size of a request that sets none (None: the base's)")
     min_steps: int = Field(4, gt=0, description="smallest steps a request may set (the service's limits.min_steps)")
     max_steps: int = Field(50, gt=0, description="largest steps a request may set (the service's limits.max_steps)")
+    min_guidance: float = Field(0.0, ge=0, description="smallest guidance a request may set (the service's "
+                                "limits.min_guidance)")
     max_guidance: float = Field(20.0, ge=0, description="largest guidance a request may set")
     negative_prompt: bool = Field(True, description="whether a request may set a negative prompt (the service's "
                                   "limits.negative_prompt)")
@@ -163,9 +165,9 @@ class AttackConfig(BaseModel):
 
 
 def check_request_ranges(model: BaseModel) -> BaseModel:
-    """Refuses ``min_steps`` above ``max_steps`` or ``min_size`` above ``max_size`` (the attack's request range and
-    the service's limits: the same fields, so the same rule)."""
-    for low, high in (("min_steps", "max_steps"), ("min_size", "max_size")):
+    """Refuses ``min_steps`` above ``max_steps``, ``min_size`` above ``max_size`` or ``min_guidance`` above
+    ``max_guidance`` (the attack's request range and the service's limits: the same fields, so the same rule)."""
+    for low, high in (("min_steps", "max_steps"), ("min_size", "max_size"), ("min_guidance", "max_guidance")):
         if getattr(model, low) > getattr(model, high):
             raise ValueError(f"{low} {getattr(model, low)} is above {high} {getattr(model, high)}")
     return model

@@ -280,7 +280,7 @@ class RedTeam:
         """``request`` with guidance, size and steps moved into the range a request may set (the nearest value)."""
         cfg, sizes = self.cfg, self.setting_values()["size"]
         return dataclasses.replace(
-            request, guidance=min(request.guidance, cfg.max_guidance),
+            request, guidance=min(max(request.guidance, cfg.min_guidance), cfg.max_guidance),
             size=min(sizes, key=lambda s: (abs(s - request.size), s)) if sizes else request.size,
             steps=min(max(request.steps, cfg.min_steps), cfg.max_steps))
 
@@ -288,7 +288,8 @@ class RedTeam:
         cfg = self.cfg
         m = self.size_multiple
         return {
-            "guidance": sorted({g for g in GUIDANCE_GRID if g <= cfg.max_guidance} | {cfg.max_guidance}),
+            "guidance": sorted({g for g in GUIDANCE_GRID if cfg.min_guidance <= g <= cfg.max_guidance}
+                               | {cfg.min_guidance, cfg.max_guidance}),
             "size": list(range(-(-max(cfg.min_size, m) // m) * m, cfg.max_size + 1, m)),
             "steps": sorted({s for s in STEPS_GRID if cfg.min_steps <= s <= cfg.max_steps}
                             | {cfg.min_steps, cfg.max_steps}),

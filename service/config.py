@@ -45,6 +45,8 @@ class Limits(BaseModel):
     max_size: int = Field(128, ge=8, description="largest `width` / `height` in pixels")
     max_images: int = Field(4, ge=1, description="largest `num_images` per request")
     max_prompt_chars: int = Field(300, ge=1, description="longest `prompt` / `negative_prompt` in characters")
+    min_guidance: float = Field(0.0, ge=0, description="smallest `guidance_scale` (service/config.yaml: 3; below, "
+                                "the toy base's images read as striped whatever the prompt names)")
     max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale`")
     negative_prompt: bool = Field(True, description="whether a request may set `negative_prompt` (false: a 400; a "
                                   "negative prompt listing a concept's siblings steers the base onto the concept "
@@ -137,6 +139,10 @@ class ServiceConfig(BaseModel):
             value, most = getattr(self, default), getattr(self.limits, limit)
             if value is not None and value > most:
                 raise ValueError(f"{default} {value} is above limits.{limit} {most}")
+        for default, limit in (("default_steps", "min_steps"), ("default_guidance", "min_guidance")):
+            value, least = getattr(self, default), getattr(self.limits, limit)
+            if value < least:
+                raise ValueError(f"{default} {value} is below limits.{limit} {least}")
         if self.batching and self.max_batch_size < self.limits.max_images:
             raise ValueError(f"max_batch_size ({self.max_batch_size}) must be at least limits.max_images "
                              f"({self.limits.max_images}): a request's images run in one batch")

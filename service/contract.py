@@ -107,7 +107,7 @@ def request_schema(limits: Limits, size_multiple: int, packs: list[str]) -> dict
     else:
         props["packs"]["maxItems"] = 0
     props["steps"].update(minimum=max(props["steps"].get("minimum", 1), limits.min_steps), maximum=limits.max_steps)
-    props["guidance_scale"].update(maximum=limits.max_guidance)
+    props["guidance_scale"].update(minimum=limits.min_guidance, maximum=limits.max_guidance)
     for side in ("width", "height"):
         props[side].update(minimum=max(size_multiple, -(-limits.min_size // size_multiple) * size_multiple),
                            maximum=limits.max_size // size_multiple * size_multiple,

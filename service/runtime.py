@@ -237,7 +237,8 @@ class Runtime:
                     for field in ("max_guidance", "max_size", "max_steps")
                     if getattr(record.config, field) < getattr(lim, field)]
         narrower += [f"{field} {getattr(record.config, field)} > {getattr(lim, field)}"
-                     for field in ("min_size", "min_steps") if getattr(record.config, field) > getattr(lim, field)]
+                     for field in ("min_size", "min_steps", "min_guidance")
+                     if getattr(record.config, field) > getattr(lim, field)]
         if lim.negative_prompt and not record.config.negative_prompt:
             narrower.append("negative prompts off < on")
         if narrower:

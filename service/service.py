@@ -247,8 +247,11 @@ class ErasureService:
             why = "" if s["steps"] > lim.max_steps else (" (fewer steps draw images too rough to judge, so no pack "
                                                          "was red-teamed there)")
             problems.append(("steps", f"steps is {s['steps']}; use {lim.min_steps} to {lim.max_steps}{why}"))
-        if s["guidance"] > lim.max_guidance:
-            problems.append(("guidance_scale", f"guidance_scale is {s['guidance']}; use 0 to {lim.max_guidance}"))
+        if not lim.min_guidance <= s["guidance"] <= lim.max_guidance:
+            why = "" if s["guidance"] > lim.max_guidance else (" (below it the base draws images no pack was "
+                                                               "red-teamed on)")
+            problems.append(("guidance_scale", f"guidance_scale is {s['guidance']}; use {lim.min_guidance:g} to "
+                                               f"{lim.max_guidance:g}{why}"))
         for field in ("width", "height"):
             v = s[field]
             if v > lim.max_size or v % rt.size_multiple or v < lim.min_size:

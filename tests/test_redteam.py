@@ -98,6 +98,9 @@ def test_a_range_without_negative_prompts_is_searched_without_them(random_pipe, 
     assert not any(n for _, n in off.framings("red", np.random.default_rng(0)))
     scored, _ = off.search_settings(random_pipe, "red")
     assert scored and all(s.attack.negative_prompt is None for s in scored)
+    guided = RedTeam(random_pipe, judge, cfg.model_copy(update={"min_guidance": 3.0}), progress=False)
+    assert guided.setting_values()["guidance"][0] == 3.0 and guided.default.guidance == 3.0
+    assert min(s.attack.guidance for s in guided.search_settings(random_pipe, "red")[0]) == 3.0
 
 
 def test_families_without_tested_support_are_refused_with_their_name(tmp_path, judge):

@@ -258,6 +258,8 @@ def test_startup_refuses_bad_configuration(tmp_path, toy_pipe):
         _runtime(write_config(tmp_path / "e.yaml", lock, unknown_option=1))
     with pytest.raises(InvalidArgumentError, match="min_steps 9 is above max_steps 8"):
         _runtime(write_config(tmp_path / "f.yaml", lock, limits={"min_steps": 9, "max_steps": 8}))
+    with pytest.raises(InvalidArgumentError, match="default_guidance 3.0 is below limits.min_guidance 5.0"):
+        _runtime(write_config(tmp_path / "g.yaml", lock, limits={"min_guidance": 5.0}))
 
 
 def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_bar(tmp_path, toy_pipe, caplog):
@@ -267,7 +269,8 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
     records = {"red": redteam_record({"prompt": 0.05, "settings": 0.30, "soft-prompt": 0.2}, "red"),
                "striped": redteam_record({"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}, "striped"),
                "square": redteam_record({"prompt": 0.0, "settings": 0.0}, "square", max_size=64),
-               "green": redteam_record({"prompt": 0.0, "settings": 0.0}, "green", negative_prompt=False)}
+               "green": redteam_record({"prompt": 0.0, "settings": 0.0}, "green", negative_prompt=False,
+                                       min_guidance=3.0)}
     lock = make_world(tmp_path, toy_pipe.unet, packs={"circle": ("circle",), "red": ("red",),
                                                       "striped": ("striped",), "square": ("square",),
                                                       "green": ("green",)},
@@ -287,9 +290,11 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
         start("narrow", mandatory=["square"])
     with pytest.raises(StartupError, match=r"pack 'striped': red-teamed within narrower limits.*min_steps 4 > 1"):
         start("wide", mandatory=["striped"], limits={"min_size": 48})  # this service would serve 1 to 50 steps
+    with pytest.raises(StartupError, match=r"pack 'green': red-teamed within narrower limits.*min_guidance 3.0 > 0"):
+        start("unguided", mandatory=["green"], limits={"min_steps": 4, "min_size": 48, "negative_prompt": False})
     with pytest.raises(StartupError, match=r"pack 'green': red-teamed within narrower limits.*negative prompts off"):
         start("negative", mandatory=["green"])  # red-teamed without negative prompts; this service takes them
-    assert start("no-negative", mandatory=["green"], limits={"min_steps": 4, "min_size": 48,
+    assert start("no-negative", mandatory=["green"], limits={"min_steps": 4, "min_size": 48, "min_guidance": 3.0,
                                                                "negative_prompt": False}).packs["green"].mandatory
     # white-box figures need the weights, which the service never serves: only prompt and settings count
     rt = start("ok", mandatory=["striped"])

@@ -59,9 +59,10 @@ def test_the_document_follows_the_configuration():
     shipped = _request(openapi_document(spec, limits=Limits(min_steps=4, min_size=48), size_multiple=16, packs=[],
                                         auth=None))
     assert (shipped["steps"]["minimum"], shipped["width"]["minimum"], shipped["height"]["minimum"]) == (4, 48, 48)
-    closed = _request(openapi_document(spec, limits=Limits(negative_prompt=False), size_multiple=16, packs=[],
-                                       auth=None))
+    closed = _request(openapi_document(spec, limits=Limits(negative_prompt=False, min_guidance=3.0), size_multiple=16,
+                                       packs=[], auth=None))
     assert closed["negative_prompt"]["maxLength"] == 0 and closed["prompt"]["maxLength"] == 300
+    assert (closed["guidance_scale"]["minimum"], p["guidance_scale"]["minimum"]) == (3.0, 0)
     q = _request(big)
     assert (q["steps"]["maximum"], q["width"]["maximum"], q["height"]["multipleOf"]) == (50, 128, 64)
     assert q["packs"]["maxItems"] == 0  # nothing loaded: any name would be refused

@@ -124,7 +124,7 @@ function render(info) {
   const lim = info.limits;
   $("service-info").textContent = "base " + info.base + " on " + info.device + " · " + info.packs.length +
     " pack(s), mandatory: " + (info.mandatory.join(", ") || "none") + " · limits: steps ≤ " + lim.max_steps +
-    ", size ≤ " + lim.max_size + " (multiples of " + lim.size_multiple + "), guidance ≤ " + lim.max_guidance +
+    ", size ≤ " + lim.max_size + " (multiples of " + lim.size_multiple + "), guidance " + lim.min_guidance + " to " + lim.max_guidance +
     (lim.negative_prompt ? "" : ", no negative prompts");
   $("negative_prompt").disabled = !lim.negative_prompt;
   $("negative_prompt").placeholder = lim.negative_prompt ? "" : "off on this service (limits.negative_prompt)";
