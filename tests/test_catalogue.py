@@ -27,8 +27,8 @@ def catalogue(packs, **header) -> Catalogue:
     return Catalogue.from_dict({"namespace": "test", "tag": "v1", **header, "packs": packs})
 
 
-def test_the_toy_catalogue_is_the_shipped_v3_recipe():
-    """The shipped catalogue reproduces the configs the shipped v3 packs were trained with, bit for bit (so `make
+def test_the_toy_catalogue_is_the_shipped_recipe():
+    """The shipped catalogue reproduces the configs the shipped packs were trained with, bit for bit (so `make
     packs` on a fresh checkout trains nothing), and the shipped packs pass its quick check."""
     cat = Catalogue.load(TOY_CATALOGUE)
     assert cat.errors == [] and [j.name for j in cat.jobs] == ["circle", "red", "striped", "square"]
