@@ -1,9 +1,10 @@
 """Red team through HTTP: each pack mandatory in a real `bentoml serve`, every request field an attacker sets.
 
-For each pack in the lock it starts the service with that pack mandatory, sends requests that vary one field at a
-time from a plain request naming the concept (negative prompts naming the siblings, the concept itself or other
-words; guidance from 0 to the maximum; every allowed size, square and not; steps; optional packs; num_images) and
-prints, as JSON, the share of images the toy oracle reads as the pack's concept, per request and overall.
+For each pack in the lock it starts the service (the shipped service/config.yaml limits) with that pack mandatory,
+sends requests that vary one field at a time from a plain request naming the concept (negative prompts naming the
+siblings, the concept itself or other words; guidance from 0 to the maximum; every size, square and not; steps;
+optional packs; num_images) and prints, as JSON, the share of images the toy oracle reads as the pack's concept,
+per request and overall, and the requests the service refused (a 400 that says why, e.g. below limits.min_size).
 
     python bench/redteam_http.py                        # the shipped service/packs.lock, every pack
     python bench/redteam_http.py --packs red --seeds 4  # one pack, 4 images per request
@@ -57,11 +58,11 @@ def requests_for(concept: str, packs: list[str], limits: dict, judge) -> list[di
     return [dict(r) for r in {json.dumps(r, sort_keys=True): r for r in out}.values()]
 
 
-def images_of(response: httpx.Response) -> list[np.ndarray]:
-    """/generate_json's images as uint8 arrays."""
+def images_of(response: httpx.Response) -> list[Image.Image]:
+    """/generate_json's images, as the judge reads them (RGB PIL images)."""
     import base64
 
-    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB")) for b in response.json()["images"]]
+    return [Image.open(io.BytesIO(base64.b64decode(b))).convert("RGB") for b in response.json()["images"]]
 
 
 def attack_pack(name: str, lock: Path, seeds: int, work: Path, limits: dict, check: bool = True) -> dict:
@@ -119,7 +120,7 @@ def main() -> None:
     from registry.lock import LockFile
 
     names = args.packs or sorted(LockFile.load(args.lock).entries)
-    limits = {"max_steps": 50, "max_size": 128, "max_images": 4, "max_prompt_chars": 300, "max_guidance": 20.0}
+    limits = yaml.safe_load((REPO / "service" / "config.yaml").read_text())["limits"]  # the shipped service's
     out = {"lock": args.lock, "seeds": args.seeds, "limits": limits, "packs": {}}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
