@@ -87,13 +87,16 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    """Until ``url``'s /readyz answers 200; raises RuntimeError with the log's tail if the server exits or times out."""
+    """Until ``url``'s /readyz answers 200; raises RuntimeError with the log's tail if the server exits, refuses to
+    start (BentoML restarts a worker that failed closed, so the process stays up) or times out."""
     import httpx
 
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"bentoml serve exited:\n{log.read_text()[-3000:]}")
+        if "erasure service refusing to start" in log.read_text(errors="replace"):
+            raise RuntimeError(f"the service refused to start:\n{log.read_text()[-3000:]}")
         try:
             if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
                 return

@@ -29,5 +29,5 @@ def test_a_mandatory_shipped_pack_holds_against_every_request_field(pack, tmp_pa
     assert figures["redteam"] is not None  # the shipped packs carry their red-team record (or it would not start)
     assert all(r["status"] == 400 for r in figures["refused"]), figures["refused"]
     refused = [r["request"] for r in figures["refused"]]
-    assert any("negative_prompt" in r for r in refused) and figures["images"] >= 2 * 30
+    assert any("negative_prompt" in r for r in refused) and figures["images"] >= 2 * 15  # 15+ requests served at 2 seeds
     assert figures["overall_rate"] <= 0.10, (figures["overall_rate"], figures["worst"])
