@@ -118,9 +118,38 @@ Family = Literal["prompt", "settings", "soft-prompt"]
 FAMILIES: tuple[str, ...] = get_args(Family)
 
 
-class AttackConfig(BaseModel):
+class RequestRange(BaseModel):
+    """What a /generate request may set: the service's ``limits`` and the range `erasure attack` searches, declared
+    once so a pack's red-team record and a service's limits compare field by field (a service refuses a pack
+    red-teamed within a narrower range than it serves).
+
+    Example:
+        >>> RequestRange(min_steps=4, min_size=48, max_size=64, negative_prompt=False).max_guidance
+        20.0
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_steps: int = Field(1, ge=1, description="smallest `steps` a request may set")
+    max_steps: int = Field(50, ge=1, description="largest `steps` a request may set")
+    min_size: int = Field(1, ge=1, description="smallest width / height in pixels a request may set")
+    max_size: int = Field(128, ge=8, description="largest width / height in pixels a request may set")
+    min_guidance: float = Field(0.0, ge=0, description="smallest `guidance_scale` a request may set")
+    max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale` a request may set")
+    negative_prompt: bool = Field(True, description="whether a request may set a `negative_prompt`")
+
+    @model_validator(mode="after")
+    def _ranges(self) -> "RequestRange":
+        for low, high in (("min_steps", "max_steps"), ("min_size", "max_size"), ("min_guidance", "max_guidance")):
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
+        return self
+
+
+class AttackConfig(RequestRange):
     """Every option of `erasure attack` (the red team, erasure/redteam.py); a pack's red-team record embeds it
-    verbatim, so the figures travel with how they were measured.
+    verbatim, so the figures travel with how they were measured. The request range (RequestRange) is what the
+    settings family searches and what a service compares with its ``limits``.
 
     Example:
         >>> AttackConfig(budget=32, seeds=48).families
@@ -144,30 +173,9 @@ class AttackConfig(BaseModel):
     steps: int = Field(20, gt=0, description="denoising steps of a request that sets none")
     guidance: float = Field(3.0, ge=0, description="guidance of a request that sets none")
     size: int | None = Field(None, gt=0, description="image size of a request that sets none (None: the base's)")
-    min_steps: int = Field(4, gt=0, description="smallest steps a request may set (the service's limits.min_steps)")
-    max_steps: int = Field(50, gt=0, description="largest steps a request may set (the service's limits.max_steps)")
-    min_guidance: float = Field(0.0, ge=0, description="smallest guidance a request may set (the service's "
-                                "limits.min_guidance)")
-    max_guidance: float = Field(20.0, ge=0, description="largest guidance a request may set")
-    negative_prompt: bool = Field(True, description="whether a request may set a negative prompt (the service's "
-                                  "limits.negative_prompt)")
-    min_size: int = Field(48, gt=0, description="smallest width/height a request may set")
-    max_size: int = Field(128, gt=0, description="largest width/height a request may set")
     soft_tokens: int = Field(4, gt=0, description="soft-prompt: learnable token embeddings put before the prompt")
     soft_steps: int = Field(300, gt=0, description="soft-prompt: Adam steps")
     soft_lr: float = Field(1e-2, gt=0, description="soft-prompt: Adam learning rate")
     soft_targets: int = Field(16, gt=1, description="soft-prompt: base images of the concept it learns to denoise")
     batch_size: int = Field(32, gt=0, description="images per pipeline call")
 
-    @model_validator(mode="after")
-    def _ranges(self) -> "AttackConfig":
-        return check_request_ranges(self)
-
-
-def check_request_ranges(model: BaseModel) -> BaseModel:
-    """Refuses ``min_steps`` above ``max_steps``, ``min_size`` above ``max_size`` or ``min_guidance`` above
-    ``max_guidance`` (the attack's request range and the service's limits: the same fields, so the same rule)."""
-    for low, high in (("min_steps", "max_steps"), ("min_size", "max_size"), ("min_guidance", "max_guidance")):
-        if getattr(model, low) > getattr(model, high):
-            raise ValueError(f"{low} {getattr(model, low)} is above {high} {getattr(model, high)}")
-    return model

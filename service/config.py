@@ -16,7 +16,7 @@ from typing import Literal
 import yaml  # PyYAML: already a BentoML dependency (bentofile.yaml), no new requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from erasure.config import check_request_ranges
+from erasure.config import RequestRange
 from erasure.errors import InvalidArgumentError
 
 CONFIG_ENV = "ERASURE_SERVICE_CONFIG"
@@ -33,28 +33,13 @@ class PackEntry(BaseModel):
     revision: str = Field("main", description="branch, tag or 40-hex sha; resolved (pinned) once at start-up")
 
 
-class Limits(BaseModel):
-    """Request limits; anything outside is a 400 that says the allowed range."""
+class Limits(RequestRange):
+    """Request limits; anything outside is a 400 that says the allowed range. The request range (steps, size,
+    guidance, negative prompt) is RequestRange, the same declaration `erasure attack` searches over."""
 
     model_config = ConfigDict(extra="forbid")
-    min_steps: int = Field(1, ge=1, description="smallest `steps` a request may ask for (service/config.yaml: 4; "
-                           "fewer leave images the toy base cannot draw, where no judge can tell a concept)")
-    max_steps: int = Field(50, ge=1, description="largest `steps` a request may ask for")
-    min_size: int = Field(1, ge=1, description="smallest `width` / `height` in pixels (service/config.yaml: 48; "
-                          "the toy base draws unreadable images below)")
-    max_size: int = Field(128, ge=8, description="largest `width` / `height` in pixels")
     max_images: int = Field(4, ge=1, description="largest `num_images` per request")
     max_prompt_chars: int = Field(300, ge=1, description="longest `prompt` / `negative_prompt` in characters")
-    min_guidance: float = Field(0.0, ge=0, description="smallest `guidance_scale` (service/config.yaml: 3; below, "
-                                "the toy base's images read as striped whatever the prompt names)")
-    max_guidance: float = Field(20.0, ge=0, description="largest `guidance_scale`")
-    negative_prompt: bool = Field(True, description="whether a request may set `negative_prompt` (false: a 400; a "
-                                  "negative prompt listing a concept's siblings steers the base onto the concept "
-                                  "without naming it, which no pack erases: docs/robustness.md)")
-
-    @model_validator(mode="after")
-    def _ranges(self) -> "Limits":
-        return check_request_ranges(self)
 
 
 class Auth(BaseModel):

@@ -267,7 +267,8 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
     from service.runtime import StartupError
 
     records = {"red": redteam_record({"prompt": 0.05, "settings": 0.30, "soft-prompt": 0.2}, "red"),
-               "striped": redteam_record({"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}, "striped"),
+               "striped": redteam_record({"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}, "striped",
+                                         min_steps=4, min_size=48),
                "square": redteam_record({"prompt": 0.0, "settings": 0.0}, "square", max_size=64),
                "green": redteam_record({"prompt": 0.0, "settings": 0.0}, "green", negative_prompt=False,
                                        min_guidance=3.0)}
@@ -277,9 +278,7 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
                       redteam=records)
 
     def start(name, **options):
-        narrowed = {"min_steps": 4, "min_size": 48}  # the range the records' red team covered (AttackConfig's)
-        return _runtime(write_config(tmp_path / f"{name}.yaml", lock,
-                                     **{"max_attack_success": 0.1, "limits": narrowed, **options}))
+        return _runtime(write_config(tmp_path / f"{name}.yaml", lock, **{"max_attack_success": 0.1, **options}))
 
     with pytest.raises(StartupError, match=r"pack 'circle': no red-team record \(max_attack_success is 10%\)"):
         start("none", mandatory=["circle"])
@@ -289,20 +288,21 @@ def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_
     with pytest.raises(StartupError, match=r"pack 'square': red-teamed within narrower limits.*max_size 64 < 128"):
         start("narrow", mandatory=["square"])
     with pytest.raises(StartupError, match=r"pack 'striped': red-teamed within narrower limits.*min_steps 4 > 1"):
-        start("wide", mandatory=["striped"], limits={"min_size": 48})  # this service would serve 1 to 50 steps
+        start("wide", mandatory=["striped"], limits={"min_size": 48})  # this service would serve 1 to 3 steps too
     with pytest.raises(StartupError, match=r"pack 'green': red-teamed within narrower limits.*min_guidance 3.0 > 0"):
-        start("unguided", mandatory=["green"], limits={"min_steps": 4, "min_size": 48, "negative_prompt": False})
+        start("unguided", mandatory=["green"], limits={"negative_prompt": False})
     with pytest.raises(StartupError, match=r"pack 'green': red-teamed within narrower limits.*negative prompts off"):
         start("negative", mandatory=["green"])  # red-teamed without negative prompts; this service takes them
-    assert start("no-negative", mandatory=["green"], limits={"min_steps": 4, "min_size": 48, "min_guidance": 3.0,
-                                                               "negative_prompt": False}).packs["green"].mandatory
+    assert start("no-negative", mandatory=["green"],
+                 limits={"min_guidance": 3.0, "negative_prompt": False}).packs["green"].mandatory
     # white-box figures need the weights, which the service never serves: only prompt and settings count
-    rt = start("ok", mandatory=["striped"])
+    narrowed = {"min_steps": 4, "min_size": 48}  # the range striped's red team covered
+    rt = start("ok", mandatory=["striped"], limits=narrowed)
     info = {p["name"]: p for p in (lp.info() for lp in rt.packs.values())}
     assert info["striped"]["redteam"]["asr"] == {"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}
     assert info["circle"]["redteam"] is None  # optional packs are not checked by default...
     with pytest.raises(StartupError, match=r"pack 'circle': no red-team record"):
-        start("all", mandatory=["striped"], redteam_check="all")  # ...unless every pack must hold
+        start("all", mandatory=["striped"], limits=narrowed, redteam_check="all")  # ...unless every pack must hold
     assert start("loose", mandatory=["red"], max_attack_success=0.3).packs["red"].mandatory
     assert start("off", mandatory=["circle"], max_attack_success=None).packs["circle"].mandatory
 
