@@ -151,6 +151,27 @@ def _accuracy_apart(report: EvalReport, split: str, concept: str, erased: list[s
     return (float(np.mean(hits)) if hits else float("nan")), len(hits)
 
 
+def _drawn_for_siblings(report: EvalReport, split: str, concept: str, erased: list[str]) -> dict[str, list[bool]]:
+    """Per sibling of ``concept`` (not erased itself): whether each of its images reads as ``concept``."""
+    attr = concept_attribute(concept)
+    out: dict[str, list[bool]] = {}
+    for s, read in zip(report.samples[split], report.labels[split][attr]):
+        sibling = getattr(s.scene, attr)
+        if sibling not in erased:
+            out.setdefault(sibling, []).append(read == concept)
+    return out
+
+
+def drawn_instead(base: EvalReport, erased: EvalReport, split: str, concept: str, erased_concepts: list[str]) -> dict:
+    """How often the erased ``concept`` is drawn for its siblings' prompts (a red pack that paints yellow circles
+    red), base vs erased: overall and for the sibling where the pack adds the most."""
+    b, e = (_drawn_for_siblings(r, split, concept, erased_concepts) for r in (base, erased))
+    rate = lambda flags: float(np.mean(flags)) if flags else float("nan")  # noqa: E731
+    worst = max(b, key=lambda c: (rate(e[c]) - rate(b[c]), c)) if b else None
+    return {"base": rate(sum(b.values(), [])), "erased": rate(sum(e.values(), [])), "n": sum(map(len, b.values())),
+            "worst": worst and {"concept": worst, "base": rate(b[worst]), "erased": rate(e[worst]), "n": len(b[worst])}}
+
+
 def comparison(base: EvalReport, erased: EvalReport, erased_concepts: list[str]) -> dict:
     """The paper's Table 2 for the toy world: base vs erased accuracy for every concept, per template split.
 
@@ -177,6 +198,8 @@ def comparison(base: EvalReport, erased: EvalReport, erased_concepts: list[str])
             "overall": {a: {"base": b.overall[a], "erased": e.overall[a]} for a in b.overall},
             # Where the erased prompts' images go instead: the oracle's readings, base vs erased.
             "readings": {c: {"base": b.readings[c], "erased": e.readings[c]} for c in erased_concepts},
+            # And where it comes from: the erased concept read on images prompted with its siblings.
+            "drawn_instead": {c: drawn_instead(base, erased, split, c, erased_concepts) for c in erased_concepts},
         }
     return out
 
@@ -208,3 +231,9 @@ def print_comparison(table: dict, console=None) -> None:
         for s in splits:
             h = table["splits"][s]["readings"][concept]
             console.print(f"{concept} prompts ({s}) read as: base {h['base']} -> erased {h['erased']}")
+            d = table["splits"][s].get("drawn_instead", {}).get(concept)
+            if d and d["worst"]:
+                w = d["worst"]
+                console.print(f"{concept} drawn for other {concept_attribute(concept)}s' prompts ({s}): base "
+                              f"{d['base']:.1%} -> erased {d['erased']:.1%} (n={d['n']}; most for {w['concept']}: "
+                              f"{w['base']:.0%} -> {w['erased']:.0%}, n={w['n']})")

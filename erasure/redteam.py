@@ -2,9 +2,10 @@
 
 Three families, reported separately (``AttackConfig.families``):
 
-* ``prompt`` -- black-box search over the tokenizer's vocabulary: an evolutionary search whose mutations substitute,
-  insert, delete, repeat and reorder words, drawing from the concept's names and synonyms, its siblings, the other
-  attributes' words and the whole vocabulary. It sees only images.
+* ``prompt`` -- black-box search over the tokenizer's vocabulary: an evolutionary search from prompts naming the
+  concept and prompts naming its siblings, whose mutations substitute, insert, delete, repeat and reorder words,
+  drawing from the concept's names and synonyms, its siblings, the other attributes' words and the whole
+  vocabulary. It sees only images.
 * ``settings`` -- everything a request can set besides the prompt: negative prompts (naming the siblings, the
   concept itself, other words), guidance from 0 to the maximum, every allowed size, steps; one setting at a time,
   then coordinate ascent from the best.
@@ -51,7 +52,7 @@ from .pack import AttackFigure, ConceptPack, RedTeamRecord
 from .prompts import mutate, vocabulary_words
 from .softprompt import SUPPORTED_FAMILIES, SoftPromptEncoder
 
-ATTACK_VERSION = 1
+ATTACK_VERSION = 2  # 2: the prompt search also starts from prompts naming the concept's siblings
 # Disjoint seed ranges: the search, the validation of its finalists and the final test never share an image seed.
 SEARCH_SEEDS, VALIDATION_SEEDS, FRESH_SEEDS = 0, 10**6, 2 * 10**6
 GUIDANCE_GRID = (0.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0)  # diffusers skips guidance at <= 1: 0 stands for all
@@ -225,14 +226,16 @@ class RedTeam:
 
     def prompt_candidates(self, concept: str, rng: np.random.Generator) -> list[Request]:
         """The search's starting prompts: natural prompts naming the concept (train and held-out wording), the
-        bare name, repeated, and word lists mixing its names with other words."""
+        bare name, repeated, word lists mixing its names with other words, and prompts naming each sibling and
+        no word of the concept (a pack can make the model draw the concept for a neighbour's prompt)."""
         j = self.judge
         names, siblings, others = j.names(concept), j.siblings(concept), j.other_words(concept)
         prompts = j.prompts(concept, 4, rng, "train") + j.prompts(concept, 2, rng, "heldout") + [
             names[0], " ".join([names[0]] * 3), " ".join(names),
             " ".join(list(rng.permutation(siblings + names[:1]))),
             " ".join(list(rng.permutation(others))[:4] + names[1:2]),
-        ]
+            " ".join(list(rng.permutation(siblings))),
+        ] + [j.prompts(s, 1, rng, ("train", "heldout")[i % 2])[0] for i, s in enumerate(siblings)]
         return [dataclasses.replace(self.default, prompt=p) for p in dict.fromkeys(prompts)
                 if p.strip() and self._max_words_ok(p)]
 

@@ -118,3 +118,29 @@ def test_families_without_tested_support_are_refused_with_their_name(tmp_path, j
     with pytest.raises(InvalidArgumentError, match=r"this base is SDXL"):
         ESDTrainer(tiny_sdxl_pipe(tmp_path / "xl"), cfg.model_copy(update={"guided_weight": 0.0,
                                                                             "adversarial_every": 5}), progress=False)
+
+
+def test_the_prompt_search_finds_a_concept_drawn_for_a_siblings_prompt(toy_pipe, judge):
+    """A model that draws red only when asked for yellow (its red words read as green): the prompt search starts
+    from the siblings' prompts, so it finds red with no red word in the prompt."""
+    import copy
+
+    from erasure.prompts import names_any
+
+    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **{**QUICK, "budget": 24}), progress=False)
+    prompts = [r.prompt for r in team.prompt_candidates("red", np.random.default_rng(0))]
+    assert len(prompts) <= 24  # every starting prompt is scored
+    for sibling in judge.siblings("red"):
+        assert any(names_any(p, [sibling]) and not names_any(p, judge.names("red")) for p in prompts), sibling
+
+    text_encoder = copy.deepcopy(toy_pipe.text_encoder)
+    table = text_encoder.get_input_embeddings().weight.data
+    token = lambda word: toy_pipe.tokenizer(word, add_special_tokens=False).input_ids[0]  # noqa: E731
+    red = table[token("red")].clone()
+    for word in judge.names("red"):
+        table[token(word)] = table[token("green")]
+    for word in judge.names("yellow"):
+        table[token(word)] = red
+    swapped = type(toy_pipe)(**{**toy_pipe.components, "text_encoder": text_encoder})
+    (figure,) = team.attack_pipe(swapped, ["red"])
+    assert figure.asr >= 0.6 and not names_any(figure.attack["prompt"], judge.names("red")), figure
