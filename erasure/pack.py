@@ -315,12 +315,13 @@ class ConceptPack:
 
         from .card import render_card
 
+        card = render_card(self.manifest)  # before any file is written: a card that fails to render changes nothing
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         # One metadata key: safetensors writes its metadata map in hash order, so two keys make the bytes (and the
         # sha256) of identical packs differ from run to run. The format version lives in the manifest.
         save_file(self.delta, str(out / DELTA), metadata={"format": "pt"})
-        (out / CARD).write_text(render_card(self.manifest))
+        (out / CARD).write_text(card)
         (out / PREVIEW).write_bytes(self.preview)
         self.manifest.files = {name: sha256_file(out / name) for name in (DELTA, CARD, PREVIEW)}
         atomic_write_text(out / MANIFEST, self.manifest.model_dump_json(indent=2))
