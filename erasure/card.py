@@ -28,6 +28,7 @@ ESD ({{ t.method }}, eta={{ t.eta }}, {{ t.iterations }} iterations, lr={{ t.lr 
 {{ t.sample_with }} UNet) applied to base `{{ base.id }}`{% if base.revision %} at revision `{{ base.revision }}`{% endif %}.
 Training prompts: {{ templates }} (`{}` is the concept; `toy`: toy-world train prompts naming it).
 {%- if t.preserve %} Preserved concepts (weight {{ t.preserve_weight }}): {{ preserve }}.{% endif %}
+{%- if t.preserve_synonyms %} Their other words: {{ preserve_synonyms }}.{% endif %}
 {%- if t.preserve_unconditional %} The empty prompt's prediction (guidance's unconditional branch) is held to the
 base's (weight {{ t.preserve_weight }}).{% endif %}
 {%- if t.anchor %} Anchors (c0 names one of these in place of the concept): {{ anchor }}.{% endif %}
@@ -94,7 +95,8 @@ def render_card(manifest: "Manifest") -> str:
 
     card = ModelCard.from_template(
         data, template_str=TEMPLATE, name=manifest.name, concepts=codes(t.concepts), t=t, base=base,
-        templates=codes(t.templates), preserve=codes(t.preserve), anchor=codes(t.anchor),
+        templates=codes(t.templates), preserve=codes(t.preserve), preserve_synonyms=codes(t.preserve_synonyms),
+        anchor=codes(t.anchor),
         n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"), redteam=manifest.redteam,
         attack_text=_attack_text,
     )

@@ -34,6 +34,9 @@ class ESDConfig(BaseModel):
     preserve: list[str] = Field(
         [], description="concept to keep: each training prompt with it in place of the erased concept is held to "
         "the base's prediction (repeat)")
+    preserve_synonyms: list[str] = Field(
+        [], description="another word for a preserved concept, as CONCEPT=WORD (repeat; e.g. yellow=lemon): preserved "
+        "prompts name the preserved concepts by any of their words, drawn per prompt, and mutations draw them too")
     preserve_unconditional: bool = Field(
         False, description="also hold the empty prompt's prediction (guidance's unconditional branch) to the base's "
         "on every x_t of the step")
@@ -104,6 +107,19 @@ class ESDConfig(BaseModel):
         if self.synonyms and len(self.concepts) > 1:
             raise ValueError("synonyms name one concept: train one concept per pack to give synonyms")
         return self
+
+    @model_validator(mode="after")
+    def _synonyms_of_preserved_concepts(self) -> "ESDConfig":
+        for pair in self.preserve_synonyms:
+            concept, _, word = (part.strip() for part in pair.partition("="))
+            if not word or concept not in self.preserve:
+                raise ValueError(f"preserve_synonyms {pair!r}: give CONCEPT=WORD for a preserved concept "
+                                 f"({', '.join(self.preserve) or 'none preserved'})")
+        return self
+
+    def preserved_words(self) -> list[str]:
+        """Every word naming a preserved concept: the concepts, then their synonyms."""
+        return [*self.preserve, *(pair.partition("=")[2].strip() for pair in self.preserve_synonyms)]
 
     @model_validator(mode="after")
     def _others_are_others(self) -> "ESDConfig":

@@ -250,7 +250,8 @@ class ESDTrainer:
         words = self.concept_words(concept)
         if self._vocabulary is None:
             self._vocabulary = vocabulary_words(self.pipe.tokenizer)
-        pools = {"names": words, "siblings": [*self.cfg.preserve, *self.cfg.anchor], "vocabulary": self._vocabulary}
+        pools = {"names": words, "siblings": [*self.cfg.preserved_words(), *self.cfg.anchor],
+                 "vocabulary": self._vocabulary}
         tokens = prompt.split()
         for _ in range(int(self.rng.integers(self.cfg.mutations + 1))):
             tokens = mutate(tokens, others[int(self.rng.integers(len(others)))].split(), pools, self.rng) or tokens
@@ -268,8 +269,9 @@ class ESDTrainer:
                 for c, _ in pairs]
 
     def _preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:
-        """Each prompt with ``concept`` replaced by a preserved concept drawn at random."""
-        return self._swap(pairs, concept, self.cfg.preserve)
+        """Each prompt with ``concept`` replaced by a word naming a preserved concept (its name or one of its
+        ``preserve_synonyms``), drawn at random."""
+        return self._swap(pairs, concept, self.cfg.preserved_words())
 
     def _embed_pairs(self, pairs: list[tuple[str, str]]) -> tuple[Conditioning, Conditioning]:
         return self.encode([c for c, _ in pairs]), self.encode([c0 for _, c0 in pairs])

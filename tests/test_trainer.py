@@ -173,6 +173,23 @@ def test_preserved_prompts_replace_every_word_naming_the_concept(random_pipe):
         assert {"green", "blue"} & set(kept.split())
 
 
+def test_preserved_prompts_name_preserved_concepts_by_their_synonyms_too(random_pipe):
+    # the red team names a sibling by its synonyms ("a banded lemon wedge"); a pack held to the base only on
+    # "yellow" drew red for them
+    cfg = ESDConfig(concepts=["red"], templates=["toy"], preserve=["green", "yellow"],
+                    preserve_synonyms=["yellow=lemon", "yellow=golden"], mutations=2)
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    pairs = trainer.prompts("red", 60)
+    kept = {w for p in trainer._preserve_prompts(pairs, "red") for w in p.split()}
+    assert {"green", "yellow", "lemon", "golden"} <= kept and "red" not in kept
+    plain = ESDTrainer(random_pipe, cfg.model_copy(update={"preserve_synonyms": []}), progress=False)
+    assert not {"lemon", "golden"} & {w for p in plain._preserve_prompts(plain.prompts("red", 60), "red")
+                                      for w in p.split()}
+    with pytest.raises(ValueError, match=r"preserve_synonyms 'blue=cobalt': give CONCEPT=WORD for a preserved "
+                                         r"concept \(green, yellow\)"):
+        ESDConfig(concepts=["red"], preserve=["green", "yellow"], preserve_synonyms=["blue=cobalt"])
+
+
 def test_mutated_prompts_still_name_the_concept_and_c0_leaves_it_out(random_pipe):
     from erasure.prompts import names_any
 
