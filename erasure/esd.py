@@ -461,7 +461,7 @@ class ESDTrainer:
 
     def load_checkpoint(self, path: Path) -> None:
         state = torch.load(path, weights_only=False)
-        if state["config"] != self.cfg.model_dump():
+        if ESDConfig.model_validate(state["config"]) != self.cfg:  # a field added since reads as its default
             raise InvalidArgumentError(f"{path} was written with other training options; resume with the same ones")
         with torch.no_grad():
             for n, p in self.trainable.items():

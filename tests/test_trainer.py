@@ -33,6 +33,25 @@ def test_resume_continues_where_it_stopped(tmp_path, loop, sample_with):
     assert straight.losses == resumed.losses
 
 
+def test_a_checkpoint_resumes_with_the_same_options_only(tmp_path):
+    """A checkpoint from before an option existed resumes (the option reads as its default); other options do
+    not."""
+    from erasure.errors import InvalidArgumentError
+
+    cfg = ESDConfig(concepts=["circle"], iterations=6, **TINY)
+    ckpt = tmp_path / "ckpt.pt"
+    ESDTrainer(random_toy_pipe(tmp_path / "a"), cfg, progress=False).train(checkpoint=ckpt, until=3)
+    state = torch.load(ckpt, weights_only=False)
+    del state["config"]["preserve_synonyms"]  # as written before the field was added
+    torch.save(state, ckpt)
+    resumed = ESDTrainer(random_toy_pipe(tmp_path / "b"), cfg, progress=False)
+    resumed.load_checkpoint(ckpt)
+    assert resumed.iteration == 3
+    other = ESDTrainer(random_toy_pipe(tmp_path / "c"), cfg.model_copy(update={"lr": 1e-2}), progress=False)
+    with pytest.raises(InvalidArgumentError, match="written with other training options"):
+        other.load_checkpoint(ckpt)
+
+
 def test_deterministic_for_a_fixed_seed(tmp_path):
     cfg = ESDConfig(concepts=["circle"], iterations=3, **TINY)
     runs = [ESDTrainer(random_toy_pipe(tmp_path / str(i)), cfg, progress=False) for i in range(2)]
