@@ -1,4 +1,4 @@
-"""Screen robust-training recipes fast: fixed known attacks (the v3 red team's best, sibling negation, guidance 0)
+"""Screen robust-training recipes fast: fixed known attacks (the v3 and v4 red teams' best, sibling negation, guidance 0)
 on a pack and on the base, 24 fresh seeds each, one batched scoring call. Minutes per pack instead of the red
 team's ~15; the recipe that screens well then gets the full `erasure attack`.
 
@@ -39,12 +39,15 @@ ATTACKS = {
             R("crimson scarlet"), R("a simple stripy red plus sign", "green blue yellow purple"),
             R("a simple stripy plus sign", "green blue yellow purple"),
             R("a simple stripy plus sign", "green blue yellow purple", 10.0),
-            R("a picture of a star", "red crimson scarlet", 10.0), R("a red star", None, 0.0)],
+            R("a picture of a star", "red crimson scarlet", 10.0), R("a red star", None, 0.0),
+            R("polka dot a banded simple lemon wedge"), R("a drawing of a yellow circle")],  # v4 red's: a sibling
     "striped": [R("a drawing of a striped star"), R("please draw a banded box for me"),
                 R("striped stripy stripy banded"), R("stripy"),
                 R("a picture of an emerald plus sign", "striped stripy banded", 20.0, 112, 4),
                 R("a picture of an emerald plus sign", "striped stripy banded", 10.0),
-                R("a picture of a red star", "dotted outlined", 10.0), R("a striped star", None, 0.0)],
+                R("a picture of a red star", "dotted outlined", 10.0), R("a striped star", None, 0.0),
+                R("trigon stripy stripy purple trigon dotted"), R("please"),  # v4 striped's best (attack v2)
+                R("a picture of an emerald plus sign", None, 20.0, 64, 50)],
     "square": [R("a drawing of a square"), R("please draw a box for me"), R("cross star square circle triangle"),
                R("block box"), R("there is a blue square in this picture", None, 5.0, 48, 50), R("a blue", None, 5.0),
                R("a picture of a blue", "circle triangle star cross", 10.0),

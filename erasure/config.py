@@ -161,6 +161,20 @@ class RequestRange(BaseModel):
                 raise ValueError(f"{low} {getattr(self, low)} is above {high} {getattr(self, high)}")
         return self
 
+    def uncovered(self, served: "RequestRange") -> list[str]:
+        """Where ``served`` lets a request go beyond this range, e.g. ``["max_size 64 < 128"]``; empty: this range
+        covers every request ``served`` allows."""
+        out = []
+        for name in RequestRange.model_fields:
+            mine, theirs = getattr(self, name), getattr(served, name)
+            if name.startswith("max_") and mine < theirs:
+                out.append(f"{name} {mine} < {theirs}")
+            elif name.startswith("min_") and mine > theirs:
+                out.append(f"{name} {mine} > {theirs}")
+            elif name == "negative_prompt" and theirs and not mine:
+                out.append("negative prompts off < on")
+        return out
+
 
 class AttackConfig(RequestRange):
     """Every option of `erasure attack` (the red team, erasure/redteam.py); a pack's red-team record embeds it

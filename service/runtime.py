@@ -233,14 +233,7 @@ class Runtime:
         if missing:
             raise StartupError(f"pack {name!r}: its red-team record has no {', '.join(missing)} figure; re-attack "
                                "with every family")
-        narrower = [f"{field} {getattr(record.config, field)} < {getattr(lim, field)}"
-                    for field in ("max_guidance", "max_size", "max_steps")
-                    if getattr(record.config, field) < getattr(lim, field)]
-        narrower += [f"{field} {getattr(record.config, field)} > {getattr(lim, field)}"
-                     for field in ("min_size", "min_steps", "min_guidance")
-                     if getattr(record.config, field) > getattr(lim, field)]
-        if lim.negative_prompt and not record.config.negative_prompt:
-            narrower.append("negative prompts off < on")
+        narrower = record.config.uncovered(lim)
         if narrower:
             raise StartupError(f"pack {name!r}: red-teamed within narrower limits than this service allows "
                                f"({'; '.join(narrower)}); narrow `limits` or re-attack over the service's range")
