@@ -29,7 +29,6 @@ ESD ({{ t.method }}, eta={{ t.eta }}, {{ t.iterations }} iterations, lr={{ t.lr 
 Training prompts: {{ templates }} (`{}` is the concept; `toy`: toy-world train prompts naming it).
 {%- if t.preserve %} Preserved concepts (weight {{ t.preserve_weight }}): {{ preserve }}.{% endif %}
 {%- if t.preserve_synonyms %} Their other words: {{ preserve_synonyms }}.{% endif %}
-{%- if t.preserve_unnamed %} Prompts with the concept left out are held to the base's too.{% endif %}
 {%- if t.preserve_unconditional %} The empty prompt's prediction (guidance's unconditional branch) is held to the
 base's (weight {{ t.preserve_weight }}).{% endif %}
 {%- if t.anchor %} Anchors (c0 names one of these in place of the concept): {{ anchor }}.{% endif %}

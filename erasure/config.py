@@ -37,9 +37,6 @@ class ESDConfig(BaseModel):
     preserve_synonyms: list[str] = Field(
         [], description="another word for a preserved concept, as CONCEPT=WORD (repeat; e.g. yellow=lemon): preserved "
         "prompts name the preserved concepts by any of their words, drawn per prompt, and mutations draw them too")
-    preserve_unnamed: bool = Field(
-        False, description="also hold the training prompt with the concept's words left out (c0: the unnamed "
-        "sibling, e.g. an object with no style) to the base's, as one more preserved concept")
     preserve_unconditional: bool = Field(
         False, description="also hold the empty prompt's prediction (guidance's unconditional branch) to the base's "
         "on every x_t of the step")
@@ -121,10 +118,8 @@ class ESDConfig(BaseModel):
         return self
 
     def preserved_words(self) -> list[str]:
-        """Every word a preserved prompt puts in the concept's place: the preserved concepts, their synonyms, and
-        with ``preserve_unnamed`` "" (the concept left out)."""
-        return [*self.preserve, *(pair.partition("=")[2].strip() for pair in self.preserve_synonyms),
-                *([""] if self.preserve_unnamed else [])]
+        """Every word naming a preserved concept: the concepts, then their synonyms."""
+        return [*self.preserve, *(pair.partition("=")[2].strip() for pair in self.preserve_synonyms)]
 
     @model_validator(mode="after")
     def _others_are_others(self) -> "ESDConfig":

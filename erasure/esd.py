@@ -250,7 +250,7 @@ class ESDTrainer:
         words = self.concept_words(concept)
         if self._vocabulary is None:
             self._vocabulary = vocabulary_words(self.pipe.tokenizer)
-        pools = {"names": words, "siblings": [*filter(None, self.cfg.preserved_words()), *self.cfg.anchor],
+        pools = {"names": words, "siblings": [*self.cfg.preserved_words(), *self.cfg.anchor],
                  "vocabulary": self._vocabulary}
         tokens = prompt.split()
         for _ in range(int(self.rng.integers(self.cfg.mutations + 1))):
@@ -268,14 +268,9 @@ class ESDTrainer:
         return [" ".join(replace_words(c, words, choices[int(self.rng.integers(len(choices)))]).split())
                 for c, _ in pairs]
 
-    @property
-    def preserving(self) -> bool:
-        """Whether the preservation term runs (preserved concepts, or the unnamed sibling)."""
-        return bool(self.cfg.preserved_words())
-
     def _preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:
         """Each prompt with ``concept`` replaced by a word naming a preserved concept (its name or one of its
-        ``preserve_synonyms``), or left out with ``preserve_unnamed``, drawn at random."""
+        ``preserve_synonyms``), drawn at random."""
         return self._swap(pairs, concept, self.cfg.preserved_words())
 
     def _embed_pairs(self, pairs: list[tuple[str, str]]) -> tuple[Conditioning, Conditioning]:
@@ -323,7 +318,7 @@ class ESDTrainer:
         for concept in self.cfg.concepts:
             pairs = self.prompts(concept, n)
             cond, neutral = self._embed_pairs(pairs)
-            keep = self.encode(self._preserve_prompts(pairs, concept)) if self.preserving else cond[:0]
+            keep = self.encode(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else cond[:0]
             # the preserved prompts get trajectories of their own (held on the concept's x_t only, the base
             # behaviour does not carry over to images of the preserved concept); one batch samples both
             states, eps_u, eps_c = self.sample(Conditioning.cat([cond, keep]), steps)
@@ -336,7 +331,7 @@ class ESDTrainer:
                 "c0": neutral.repeat(steps),
                 "prompts": [c for c, _ in pairs],  # item i * n + j: prompts[j]
             }
-            if self.preserving:
+            if self.cfg.preserve:
                 entry["cp"] = keep.repeat(steps)
                 entry["xp"] = torch.cat(kept_states[:steps])
                 if self.cfg.sample_with == "frozen":  # the frozen sampler's predictions are the preserve targets
@@ -354,7 +349,7 @@ class ESDTrainer:
             stop = int(self.rng.integers(self.cfg.ddim_steps))  # uniform over the DDIM steps, as in the paper
             pairs = self.prompts(concept, 1)
             cond, neutral = self._embed_pairs(pairs)
-            cp = self.encode(self._preserve_prompts(pairs, concept)) if self.preserving else None
+            cp = self.encode(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
             states, _, _ = self.sample(cond if cp is None else Conditioning.cat([cond, cp]), stop)
             x, t = states[stop][:1], self.timesteps[stop].reshape(1)
             keep = None if cp is None else (states[stop][1:], cp, None)

@@ -209,20 +209,6 @@ def test_preserved_prompts_name_preserved_concepts_by_their_synonyms_too(random_
         ESDConfig(concepts=["red"], preserve=["green", "yellow"], preserve_synonyms=["blue=cobalt"])
 
 
-def test_preserve_unnamed_holds_the_prompt_without_the_concept(random_pipe):
-    # striped's unnamed sibling is an object with no style word, which a --preserve cannot name
-    from erasure.prompts import without
-
-    words = ["striped", "stripy"]
-    cfg = ESDConfig(concepts=["striped"], templates=["toy"], synonyms=words[1:], preserve_unnamed=True, **TINY)
-    trainer = ESDTrainer(random_pipe, cfg, progress=False)
-    assert trainer.preserving
-    pairs = trainer.prompts("striped", 20)
-    assert trainer._preserve_prompts(pairs, "striped") == [without(c, words) for c, _ in pairs]
-    trainer.train(until=2)  # the preservation term runs with no --preserve concept
-    assert trainer.iteration == 2
-
-
 def test_mutated_prompts_still_name_the_concept_and_c0_leaves_it_out(random_pipe):
     from erasure.prompts import names_any
 
