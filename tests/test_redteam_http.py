@@ -15,11 +15,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("pack", ["circle", pytest.param("red", marks=pytest.mark.xfail(
-    strict=True, reason="red ships at v3 (settings 89 %; v4 draws red on yellow prompts): the service refuses it as "
-    "a mandatory pack (docs/robustness.md)")), pytest.param("striped", marks=pytest.mark.xfail(
-    strict=True, reason="v4 striped does not hold (settings 69 % at guidance 20, docs/robustness.md): the service "
-    "refuses it as a mandatory pack")), "square"])
+@pytest.mark.parametrize("pack", ["circle", "red", pytest.param("striped", marks=pytest.mark.xfail(
+    strict=True, reason="v5 striped does not hold to the bar (prompt 14 %, docs/robustness.md): the service refuses "
+    "it as a mandatory pack")), "square"])
 def test_a_mandatory_shipped_pack_holds_against_every_request_field(pack, tmp_path):
     out = tmp_path / "http.json"
     run = subprocess.run([sys.executable, str(REPO / "bench" / "redteam_http.py"), "--packs", pack, "--seeds", "2",
