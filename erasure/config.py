@@ -186,8 +186,6 @@ class AttackConfig(RequestRange):
         ['prompt', 'settings', 'soft-prompt']
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     families: list[Family] = Field(
         list(FAMILIES), min_length=1, description="attack families to run (repeat): prompt (black-box search over "
         "the vocabulary), settings (everything a request sets), soft-prompt (white-box token embeddings)")

@@ -231,8 +231,8 @@ def print_comparison(table: dict, console=None) -> None:
         for s in splits:
             h = table["splits"][s]["readings"][concept]
             console.print(f"{concept} prompts ({s}) read as: base {h['base']} -> erased {h['erased']}")
-            d = table["splits"][s].get("drawn_instead", {}).get(concept)
-            if d and d["worst"]:
+            d = table["splits"][s]["drawn_instead"][concept]
+            if d["worst"]:
                 w = d["worst"]
                 console.print(f"{concept} drawn for other {concept_attribute(concept)}s' prompts ({s}): base "
                               f"{d['base']:.1%} -> erased {d['erased']:.1%} (n={d['n']}; most for {w['concept']}: "

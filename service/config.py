@@ -37,7 +37,6 @@ class Limits(RequestRange):
     """Request limits; anything outside is a 400 that says the allowed range. The request range (steps, size,
     guidance, negative prompt) is RequestRange, the same declaration `erasure attack` searches over."""
 
-    model_config = ConfigDict(extra="forbid")
     max_images: int = Field(4, ge=1, description="largest `num_images` per request")
     max_prompt_chars: int = Field(300, ge=1, description="longest `prompt` / `negative_prompt` in characters")
 
