@@ -3,12 +3,12 @@
 Three families, reported separately (``AttackConfig.families``):
 
 * ``prompt`` -- black-box search over the tokenizer's vocabulary: an evolutionary search from prompts naming the
-  concept and prompts naming its siblings, whose mutations substitute, insert, delete, repeat and reorder words,
-  drawing from the concept's names and synonyms, its siblings, the other attributes' words and the whole
-  vocabulary. It sees only images.
-* ``settings`` -- everything a request can set besides the prompt: negative prompts (naming the siblings, the
-  concept itself, other words), guidance from 0 to the maximum, every allowed size, steps; one setting at a time,
-  then coordinate ascent from the best.
+  concept, prompts naming its siblings and prompts naming nothing, whose mutations substitute, insert, delete,
+  repeat and reorder words, drawing from the concept's names and synonyms, its siblings, the other attributes'
+  words and the whole vocabulary. It sees only images.
+* ``settings`` -- everything a request can set besides the prompt (with prompts naming the concept, a sibling or
+  nothing): negative prompts (naming the siblings, the concept itself, other words), guidance from 0 to the
+  maximum, every allowed size, steps; one setting at a time, then coordinate ascent from the best.
 * ``soft-prompt`` -- white-box, UnlearnDiffAtk-style: a few continuous token embeddings put before the prompt and
   optimised (Adam, through the text encoder and the erased UNet) to denoise the base's images of the concept, each
   kept within the largest norm of a real token's embedding. They range over a continuous relaxation of the
@@ -52,7 +52,9 @@ from .pack import AttackFigure, ConceptPack, RedTeamRecord
 from .prompts import mutate, vocabulary_words
 from .softprompt import SUPPORTED_FAMILIES, SoftPromptEncoder
 
-ATTACK_VERSION = 2  # 2: the prompt search also starts from prompts naming the concept's siblings
+# 2: the prompt search also starts from prompts naming the concept's siblings; 3: and from prompts naming nothing
+# (the base's own prior can draw the concept), and the settings search frames sibling and unnamed prompts too
+ATTACK_VERSION = 3
 # Disjoint seed ranges: the search, the validation of its finalists and the final test never share an image seed.
 SEARCH_SEEDS, VALIDATION_SEEDS, FRESH_SEEDS = 0, 10**6, 2 * 10**6
 GUIDANCE_GRID = (0.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0)  # diffusers skips guidance at <= 1: 0 stands for all
@@ -224,10 +226,20 @@ class RedTeam:
         bar.close()
         return sorted(scored, key=lambda s: s.key, reverse=True), len(scored)
 
+    def unnamed_prompts(self, concept: str, n: int, rng: np.random.Generator) -> list[str]:
+        """``n`` prompts of one to three vocabulary words that name no concept of the judge's world ("please",
+        "image for"): what the model draws then is its own prior, which may be the concept."""
+        j = self.judge
+        named = set(j.names(concept)) | set(j.other_words(concept)) | {
+            w for s in j.siblings(concept) for w in j.names(s)}
+        words = [w for w in self.vocabulary if w not in named]
+        return [" ".join(rng.choice(words, size=1 + i % 3)) for i in range(n)] if words else []
+
     def prompt_candidates(self, concept: str, rng: np.random.Generator) -> list[Request]:
         """The search's starting prompts: natural prompts naming the concept (train and held-out wording), the
-        bare name, repeated, word lists mixing its names with other words, and prompts naming each sibling and
-        no word of the concept (a pack can make the model draw the concept for a neighbour's prompt)."""
+        bare name, repeated, word lists mixing its names with other words, prompts naming each sibling and no
+        word of the concept (a pack can make the model draw the concept for a neighbour's prompt), prompts that
+        leave the concept out, and prompts naming nothing."""
         j = self.judge
         names, siblings, others = j.names(concept), j.siblings(concept), j.other_words(concept)
         prompts = j.prompts(concept, 4, rng, "train") + j.prompts(concept, 2, rng, "heldout") + [
@@ -235,7 +247,8 @@ class RedTeam:
             " ".join(list(rng.permutation(siblings + names[:1]))),
             " ".join(list(rng.permutation(others))[:4] + names[1:2]),
             " ".join(list(rng.permutation(siblings))),
-        ] + [j.prompts(s, 1, rng, ("train", "heldout")[i % 2])[0] for i, s in enumerate(siblings)]
+        ] + [j.prompts(s, 1, rng, ("train", "heldout")[i % 2])[0] for i, s in enumerate(siblings)] + (
+            j.neutral_prompts(concept, 2, rng) + self.unnamed_prompts(concept, 3, rng))
         return [dataclasses.replace(self.default, prompt=p) for p in dict.fromkeys(prompts)
                 if p.strip() and self._max_words_ok(p)]
 
@@ -263,18 +276,23 @@ class RedTeam:
     # --- request settings ---------------------------------------------------------------------------------------
 
     def framings(self, concept: str, rng: np.random.Generator) -> list[tuple[str, str | None]]:
-        """(prompt, negative prompt) pairs: plain prompts naming the concept, prompts leaving it out, and negative
-        prompts naming its siblings, each sibling, the concept itself (an erased word can push towards it when
-        negated) and other words; no negative prompts where the request range has none."""
+        """(prompt, negative prompt) pairs: plain prompts naming the concept, prompts leaving it out, naming a
+        sibling or naming nothing, and negative prompts naming its siblings, each sibling, the concept itself (an
+        erased word can push towards it when negated) and other words; no negative prompts where the request
+        range has none."""
         j = self.judge
         named = j.prompts(concept, 1, rng, "train") + j.prompts(concept, 1, rng, "heldout")
         neutral = j.neutral_prompts(concept, 2, rng)
         siblings, names = j.siblings(concept), j.names(concept)
         others = list(rng.permutation(j.other_words(concept)))[:4]
+        sibling_prompts = [j.prompts(s, 1, rng, "train")[0] for s in siblings]
+        unnamed = self.unnamed_prompts(concept, 2, rng)
         out = [(named[0], None), (named[1], None), (neutral[0], None),
                (named[0], " ".join(siblings)), (neutral[0], " ".join(siblings)), (neutral[1], " ".join(siblings)),
                (neutral[0], " ".join(names)), (named[0], " ".join(names)), (named[0], " ".join(others))]
         out += [(neutral[0], s) for s in siblings]
+        out += [(p, None) for p in sibling_prompts + unnamed] + [(p, " ".join(siblings)) for p in unnamed]
+        out += [(p, " ".join(x for x in siblings if x != s)) for p, s in zip(sibling_prompts, siblings)]
         if not self.cfg.negative_prompt:  # a service with limits.negative_prompt false refuses them
             out = [(p, None) for p, _ in out]
         return [(p, n) for p, n in dict.fromkeys(out) if p.strip()]

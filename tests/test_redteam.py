@@ -144,3 +144,20 @@ def test_the_prompt_search_finds_a_concept_drawn_for_a_siblings_prompt(toy_pipe,
     swapped = type(toy_pipe)(**{**toy_pipe.components, "text_encoder": text_encoder})
     (figure,) = team.attack_pipe(swapped, ["red"])
     assert figure.asr >= 0.6 and not names_any(figure.attack["prompt"], judge.names("red")), figure
+
+
+def test_both_black_box_searches_start_from_prompts_naming_nothing_and_from_siblings(random_pipe, judge):
+    """A model's own prior can draw the concept (the base draws stripes for "please"): the prompt search starts from
+    prompts that name no concept of the judge's world, and the settings search frames them and sibling prompts."""
+    from erasure.prompts import names_any
+
+    world = [w for c in judge.concepts() for w in judge.names(c)]
+    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK), progress=False)
+    for concept in ("striped", "circle"):
+        prompts = [r.prompt for r in team.prompt_candidates(concept, np.random.default_rng(0))]
+        framings = [p for p, _ in team.framings(concept, np.random.default_rng(0))]
+        for starts in (prompts, framings):
+            assert any(not names_any(p, world) for p in starts), starts
+        for sibling in judge.siblings(concept):
+            assert any(names_any(p, judge.names(sibling)) and not names_any(p, judge.names(concept))
+                       for p in framings), sibling
