@@ -71,6 +71,10 @@ class ESDConfig(BaseModel):
         0.0, ge=0, description="robust: weight of a term holding the guided prediction under attacker-like requests "
         "(prompt with or without the concept; negative prompt empty, the concept, preserved concepts; a drawn "
         "guidance scale) to the base's with the concept guided away (erasure/robust.py); 0: off")
+    unnamed_weight: float = Field(
+        0.0, ge=0, description="robust: weight of a term erasing the concept from prompts that leave it out or name "
+        "nothing (word lists from the vocabulary), which the base's own prior can draw it for (erasure/robust.py); "
+        "0: off")
     guided_scales: list[float] = Field(
         [1.0, 1.5, 3.0, 5.0, 7.5, 12.0], min_length=1, description="robust: guidance scales the guided term draws "
         "from (<= 1: the conditional prediction alone, as diffusers samples it)")

@@ -404,6 +404,8 @@ class ESDTrainer:
             loss = loss + self.robust["guided"].loss(concept)
         if "adversarial" in self.robust:
             loss = loss + self.robust["adversarial"].loss(concept, x, t, prompts, target)
+        if "unnamed" in self.robust:
+            loss = loss + self.robust["unnamed"].loss(concept)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

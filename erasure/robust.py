@@ -19,9 +19,15 @@ controls p, n and g, and a white-box attacker the text embeddings themselves. Tw
   embeddings put before the training prompt take Adam steps (warm-started) so that the UNet being trained denoises
   the base's images of the concept (UnlearnDiffAtk's objective); each iteration then trains the prediction under
   those embeddings towards the same ESD target as the plain prompt.
+* ``UnnamedTerm`` (``unnamed_weight``): ESD trains prompts that name the concept, but a base also draws it for
+  prompts that do not (its prior: "please" draws stripes). A prompt u that leaves the concept out (the training
+  prompt without its words) or names nothing (up to 8 vocabulary words), on states sampled under u (the images the
+  prior draws for it), is trained towards the base's prediction with the concept guided away:
+
+      target = eps*(x, u) - eta (eps*(x, u+) - eps*(x, u))        (u+: u naming the concept)
 
 Example:
-    >>> cfg = ESDConfig(concepts=["red"], preserve=["green", "blue"], guided_weight=1.0, adversarial_every=10)
+    >>> cfg = ESDConfig(concepts=["red"], preserve=["green", "blue"], guided_weight=1.0, unnamed_weight=1.0)
     >>> ESDTrainer(pipe, cfg).train()        # the terms are added to the ESD loss
 """
 
@@ -32,10 +38,11 @@ import torch.nn.functional as F
 
 from .conditioning import FAMILIES, Conditioning
 from .errors import InvalidArgumentError
-from .prompts import replace_words, without
+from .prompts import replace_words, vocabulary_words, without
 from .softprompt import SoftPromptEncoder
 
 SUPPORTED = ("sd", "epsilon")  # the family and prediction type the terms are tested on (the toy base)
+UNNAMED_WORDS = 8  # the longest word list naming nothing the unnamed term trains (with 3, 12-word lists drew red)
 
 
 class GuidedTerm:
@@ -175,19 +182,82 @@ class AdversarialSoftPrompt:
         self.generator.set_state(state["generator"])
 
 
+class UnnamedTerm:
+    """The erasure on prompts that leave the concept out or name nothing, where the base's prior can draw it."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.vocabulary: list[str] | None = None
+        self.pool: dict[str, dict[str, torch.Tensor]] = {}
+
+    def prompts(self, concept: str, prompts: list[str]) -> list[tuple[str, str]]:
+        """(u, u+) per training prompt: the prompt without the concept's words, or (half the time, and when nothing
+        is left) 1 to UNNAMED_WORDS vocabulary words; u+ is u naming the concept."""
+        tr = self.trainer
+        rng, words = tr.rng, tr.concept_words(concept)
+        if self.vocabulary is None:
+            self.vocabulary = [w for w in vocabulary_words(tr.pipe.tokenizer) if w not in words]
+        out = []
+        for c in prompts:
+            u = without(c, words)
+            if u and rng.random() < 0.5:
+                out.append((u, c))
+                continue
+            size = int(rng.integers(1, UNNAMED_WORDS + 1))
+            u = [self.vocabulary[int(i)] for i in rng.integers(len(self.vocabulary), size=size)]
+            named = list(u)
+            named.insert(int(rng.integers(len(u) + 1)), words[int(rng.integers(len(words)))])
+            out.append((" ".join(u), " ".join(named)))
+        return out
+
+    def refresh(self, concept: str) -> None:
+        """Trajectories sampled under the prompts u themselves: the images the prior draws for them."""
+        tr, cfg = self.trainer, self.trainer.cfg
+        k, steps = cfg.pool_trajectories, cfg.ddim_steps
+        pairs = self.prompts(concept, [c for c, _ in tr.prompts(concept, k)])
+        u, named = tr.encode([p for p, _ in pairs]), tr.encode([q for _, q in pairs])
+        states, _, _ = tr.sample(u, steps)
+        self.pool[concept] = {"x": torch.cat(states[:steps]), "t": tr.timesteps[:steps].repeat_interleave(k),
+                              "u": u.repeat(steps), "named": named.repeat(steps)}
+
+    def loss(self, concept: str) -> torch.Tensor:
+        tr, cfg = self.trainer, self.trainer.cfg
+        if concept not in self.pool or tr.iteration % cfg.refresh_every == 0:
+            self.refresh(concept)
+        pool = self.pool[concept]
+        idx = torch.from_numpy(tr.rng.integers(len(pool["t"]), size=cfg.batch_size))
+        x, t, u = pool["x"][idx], pool["t"][idx], pool["u"][idx]
+        with torch.no_grad():
+            e_u, e_named = tr.predict(tr.frozen, x.repeat(2, 1, 1, 1), t.repeat(2),
+                                      Conditioning.cat([u, pool["named"][idx]])).chunk(2)
+            target = e_u - cfg.eta * (e_named - e_u)
+        tr.unet_passes += 3 * x.shape[0]
+        return cfg.unnamed_weight * tr.mse(tr.predict(tr.unet, x, t, u), target, t)
+
+    def state(self) -> dict:
+        return {"pool": self.pool}
+
+    def load(self, state: dict) -> None:
+        self.pool = state["pool"]
+
+
 def robust_terms(trainer) -> dict:
     """The robust terms ``trainer.cfg`` switches on, by name; InvalidArgumentError on a base they are not tested on
     (SD 1.x-family epsilon-prediction bases only: the adversarial term's target is the noise, and neither term
     conditions SDXL's added embeddings)."""
     terms = {}
     cfg = trainer.cfg
-    if (cfg.guided_weight > 0 or cfg.adversarial_every > 0) and (trainer.family, trainer.prediction_type) != SUPPORTED:
+    on = cfg.guided_weight > 0 or cfg.adversarial_every > 0 or cfg.unnamed_weight > 0
+    if on and (trainer.family, trainer.prediction_type) != SUPPORTED:
         raise InvalidArgumentError(
-            f"--guided-weight / --adversarial-every support {FAMILIES['sd']} bases that predict epsilon; this base "
-            f"is {FAMILIES[trainer.family]} predicting {trainer.prediction_type}: train it without them")
+            f"--guided-weight / --adversarial-every / --unnamed-weight support {FAMILIES['sd']} bases that predict "
+            f"epsilon; this base is {FAMILIES[trainer.family]} predicting {trainer.prediction_type}: train it "
+            "without them")
     if trainer.cfg.guided_weight > 0:
         terms["guided"] = GuidedTerm(trainer)
     if trainer.cfg.adversarial_every > 0:
         terms["adversarial"] = AdversarialSoftPrompt(trainer)
+    if trainer.cfg.unnamed_weight > 0:
+        terms["unnamed"] = UnnamedTerm(trainer)
     return terms
 

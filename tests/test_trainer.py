@@ -5,6 +5,7 @@ import torch
 
 from erasure.config import ESDConfig
 from erasure.esd import ESDTrainer
+from erasure.prompts import without
 from factories import random_toy_pipe
 
 TINY = dict(lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2, checkpoint_every=3)
@@ -14,9 +15,11 @@ def params(trainer):
     return {n: p.detach().clone() for n, p in trainer.trainable.items()}
 
 
-@pytest.mark.parametrize("loop,sample_with", [("pooled", "trained"), ("pooled", "frozen"), ("reference", "trained")])
-def test_resume_continues_where_it_stopped(tmp_path, loop, sample_with):
-    cfg = ESDConfig(concepts=["circle", "red"], iterations=6, loop=loop, sample_with=sample_with, **TINY)
+@pytest.mark.parametrize("loop,sample_with,robust", [("pooled", "trained", {}), ("pooled", "frozen", {}),
+                                                     ("reference", "trained", {}),
+                                                     ("pooled", "trained", {"unnamed_weight": 1.0})])
+def test_resume_continues_where_it_stopped(tmp_path, loop, sample_with, robust):
+    cfg = ESDConfig(concepts=["circle", "red"], iterations=6, loop=loop, sample_with=sample_with, **TINY, **robust)
     straight = ESDTrainer(random_toy_pipe(tmp_path / "a"), cfg, progress=False)
     straight.train()
 
@@ -234,3 +237,40 @@ def test_an_erased_concept_cannot_be_its_own_anchor_or_preserved():
         ESDConfig(concepts=["square"], anchor=["circle", "square"])
     with pytest.raises(ValueError, match="preserve names an erased concept"):
         ESDConfig(concepts=["square"], preserve=["square"])
+
+
+def test_the_unnamed_term_erases_the_concept_from_prompts_that_do_not_name_it(random_pipe):
+    """A base's prior can draw the concept for "please": the term trains prompts leaving the concept out and word
+    lists naming nothing towards eps*(u) - eta (eps*(u+) - eps*(u)), u+ naming the concept; off by default."""
+    from erasure.prompts import names_any
+    from erasure.robust import UNNAMED_WORDS
+
+    cfg = ESDConfig(concepts=["circle"], templates=["toy"], synonyms=["disc"], unnamed_weight=2.0, eta=1.5, **TINY)
+    trainer = ESDTrainer(random_pipe, cfg, progress=False)
+    assert "unnamed" not in ESDTrainer(random_pipe, cfg.model_copy(update={"unnamed_weight": 0.0}),
+                                       progress=False).robust
+    term, words = trainer.robust["unnamed"], ["circle", "disc"]
+    prompts = [c for c, _ in trainer.prompts("circle", 40)]
+    left_out = {without(c, words) for c in prompts}
+    pairs = term.prompts("circle", prompts)
+    assert all(not names_any(u, words) and names_any(named, words) for u, named in pairs)
+    assert 5 < sum(u in left_out for u, _ in pairs) < 35  # half the training prompts without the concept
+    assert all(1 <= len(u.split()) <= UNNAMED_WORDS for u, _ in pairs if u not in left_out)  # half naming nothing
+
+    term.refresh("circle")  # trajectories sampled under the prompts u themselves
+    pool = term.pool["circle"]
+    assert len(pool["t"]) == cfg.pool_trajectories * cfg.ddim_steps
+    trainer.iteration = 1  # not a refresh step
+    state = trainer.rng.bit_generator.state
+    idx = torch.from_numpy(trainer.rng.integers(len(pool["t"]), size=cfg.batch_size))
+    trainer.rng.bit_generator.state = state
+    loss = term.loss("circle")
+    x, t, u = pool["x"][idx], pool["t"][idx], pool["u"][idx]
+    with torch.no_grad():
+        e_u = trainer.frozen(x, t, u.encoder_hidden_states).sample
+        e_named = trainer.frozen(x, t, pool["named"][idx].encoder_hidden_states).sample
+        pred = trainer.unet(x, t, u.encoder_hidden_states).sample
+    expected = 2.0 * ((pred - (e_u - 1.5 * (e_named - e_u))) ** 2).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-7)
+    loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.trainable.values())
