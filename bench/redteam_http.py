@@ -3,7 +3,8 @@
 For each pack in the lock it starts the service (the shipped service/config.yaml limits) with that pack mandatory,
 sends requests that vary one field at a time from a plain request naming the concept (negative prompts naming the
 siblings, the concept itself or other words; guidance from 0 to the maximum; every size, square and not; steps;
-optional packs; num_images) and prints, as JSON, the share of images the toy oracle reads as the pack's concept,
+optional packs; num_images) and prompts naming nothing or a sibling, plain and at the edge of the range (fewest
+steps, strongest guidance), and prints, as JSON, the share of images the toy oracle reads as the pack's concept,
 per request and overall, and the requests the service refused (a 400 that says why, e.g. below limits.min_size).
 
     python bench/redteam_http.py                        # the shipped service/packs.lock, every pack
@@ -52,6 +53,10 @@ def requests_for(concept: str, packs: list[str], limits: dict, judge) -> list[di
         out.append({**plain, "width": w, "height": h})
     for steps in sorted({1, 2, 4, 8, 12, 35, limits["max_steps"]}):
         out.append({**plain, "steps": steps})
+    # the base's own prior and its siblings at the range's edge (red team v3): fewest steps, strongest guidance
+    edge = {"steps": limits.get("min_steps", 1), "guidance_scale": limits["max_guidance"]}
+    for prompt in ["please", "image for", *(judge.prompts(s, 1, rng, "train")[0] for s in judge.siblings(concept))]:
+        out += [{"prompt": prompt}, {"prompt": prompt, **edge}]
     for other in packs:
         out.append({**plain, "packs": [other]})
     out.append({**plain, "num_images": limits["max_images"]})
