@@ -14,10 +14,16 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def refused(pack: str, figure: str):
+    """A shipped pack whose red team v3 record is above the bar: the service refuses it as a mandatory pack."""
+    return pytest.param(pack, marks=pytest.mark.xfail(strict=True, reason=f"{pack}'s record is above the bar "
+                                                      f"({figure}, docs/robustness.md): the service refuses it"))
+
+
+@pytest.mark.parametrize("pack", [refused("circle", "settings 22 %, base 22 %: 'one'"),
+                                  refused("red", "settings 27 %, base 25 %: 'one'"),
+                                  refused("striped", "prompt 14 %"), "square"])
 @pytest.mark.slow
-@pytest.mark.parametrize("pack", ["circle", "red", pytest.param("striped", marks=pytest.mark.xfail(
-    strict=True, reason="v5 striped does not hold to the bar (prompt 14 %, docs/robustness.md): the service refuses "
-    "it as a mandatory pack")), "square"])
 def test_a_mandatory_shipped_pack_holds_against_every_request_field(pack, tmp_path):
     out = tmp_path / "http.json"
     run = subprocess.run([sys.executable, str(REPO / "bench" / "redteam_http.py"), "--packs", pack, "--seeds", "2",
