@@ -45,12 +45,34 @@ SUPPORTED = ("sd", "epsilon")  # the family and prediction type the terms are te
 UNNAMED_WORDS = 8  # the longest word list naming nothing the unnamed term trains (with 3, 12-word lists drew red)
 
 
-class GuidedTerm:
-    """The guided prediction under attacker-like requests, held to the base's with the concept guided away."""
+class PooledTerm:
+    """A term trained on trajectories of its own, resampled (``refresh``) every ``refresh_every`` iterations."""
 
     def __init__(self, trainer):
         self.trainer = trainer
-        self.pool: dict[str, dict[str, torch.Tensor]] = {}
+        self.pool: dict[str, dict] = {}
+
+    def refresh(self, concept: str) -> None:
+        raise NotImplementedError
+
+    def draw(self, concept: str) -> dict:
+        """``batch_size`` random items of the concept's pool, refreshed first when due."""
+        tr, cfg = self.trainer, self.trainer.cfg
+        if concept not in self.pool or tr.iteration % cfg.refresh_every == 0:
+            self.refresh(concept)
+        pool = self.pool[concept]
+        idx = torch.from_numpy(tr.rng.integers(len(pool["t"]), size=cfg.batch_size))
+        return {key: value[idx] for key, value in pool.items()}
+
+    def state(self) -> dict:
+        return {"pool": self.pool}
+
+    def load(self, state: dict) -> None:
+        self.pool = state["pool"]
+
+
+class GuidedTerm(PooledTerm):
+    """The guided prediction under attacker-like requests, held to the base's with the concept guided away."""
 
     def framings(self, concept: str, pairs: list[tuple[str, str]]) -> list[tuple[str, str, float]]:
         """(p, n, g) per training pair: the request the trajectory is sampled under and trained on."""
@@ -89,26 +111,17 @@ class GuidedTerm:
 
     def loss(self, concept: str) -> torch.Tensor:
         tr, cfg = self.trainer, self.trainer.cfg
-        if concept not in self.pool or tr.iteration % cfg.refresh_every == 0:
-            self.refresh(concept)
-        pool = self.pool[concept]
-        idx = torch.from_numpy(tr.rng.integers(len(pool["t"]), size=cfg.batch_size))
-        x, t, p, n, g = (pool[key][idx] for key in ("x", "t", "p", "n", "g"))
+        batch = self.draw(concept)
+        x, t, p, n, g = (batch[key] for key in ("x", "t", "p", "n", "g"))
         b, gv = x.shape[0], g.view(-1, 1, 1, 1)
         with torch.no_grad():
             e_n, e_p, e_c, e_c0 = tr.predict(tr.frozen, x.repeat(4, 1, 1, 1), t.repeat(4), Conditioning.cat(
-                [pool["n_free"][idx], pool["p_free"][idx], pool["c"][idx], pool["c0"][idx]])).chunk(4)
+                [batch["n_free"], batch["p_free"], batch["c"], batch["c0"]])).chunk(4)
             target = e_n + gv * (e_p - e_n) - gv * cfg.eta * (e_c - e_c0)
         pred_n, pred_p = tr.predict(tr.unet, x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([n, p])).chunk(2)
         tr.unet_passes += 6 * b
         guided = pred_n + gv * (pred_p - pred_n)
         return cfg.guided_weight * (((guided - target) / gv) ** 2).mean()
-
-    def state(self) -> dict:
-        return {"pool": self.pool}
-
-    def load(self, state: dict) -> None:
-        self.pool = state["pool"]
 
 
 class AdversarialSoftPrompt:
@@ -182,13 +195,12 @@ class AdversarialSoftPrompt:
         self.generator.set_state(state["generator"])
 
 
-class UnnamedTerm:
+class UnnamedTerm(PooledTerm):
     """The erasure on prompts that leave the concept out or name nothing, where the base's prior can draw it."""
 
     def __init__(self, trainer):
-        self.trainer = trainer
+        super().__init__(trainer)
         self.vocabulary: list[str] | None = None
-        self.pool: dict[str, dict[str, torch.Tensor]] = {}
 
     def prompts(self, concept: str, prompts: list[str]) -> list[tuple[str, str]]:
         """(u, u+) per training prompt: the prompt without the concept's words, or (half the time, and when nothing
@@ -222,23 +234,14 @@ class UnnamedTerm:
 
     def loss(self, concept: str) -> torch.Tensor:
         tr, cfg = self.trainer, self.trainer.cfg
-        if concept not in self.pool or tr.iteration % cfg.refresh_every == 0:
-            self.refresh(concept)
-        pool = self.pool[concept]
-        idx = torch.from_numpy(tr.rng.integers(len(pool["t"]), size=cfg.batch_size))
-        x, t, u = pool["x"][idx], pool["t"][idx], pool["u"][idx]
+        batch = self.draw(concept)
+        x, t, u = batch["x"], batch["t"], batch["u"]
         with torch.no_grad():
             e_u, e_named = tr.predict(tr.frozen, x.repeat(2, 1, 1, 1), t.repeat(2),
-                                      Conditioning.cat([u, pool["named"][idx]])).chunk(2)
+                                      Conditioning.cat([u, batch["named"]])).chunk(2)
             target = e_u - cfg.eta * (e_named - e_u)
         tr.unet_passes += 3 * x.shape[0]
         return cfg.unnamed_weight * tr.mse(tr.predict(tr.unet, x, t, u), target, t)
-
-    def state(self) -> dict:
-        return {"pool": self.pool}
-
-    def load(self, state: dict) -> None:
-        self.pool = state["pool"]
 
 
 def robust_terms(trainer) -> dict:
