@@ -42,7 +42,7 @@ from .prompts import replace_words, vocabulary_words, without
 from .softprompt import SoftPromptEncoder
 
 SUPPORTED = ("sd", "epsilon")  # the family and prediction type the terms are tested on (the toy base)
-UNNAMED_WORDS = 8  # the longest word list naming nothing the unnamed term trains (with 3, 12-word lists drew red)
+UNNAMED_WORDS = 8  # the longest word list naming nothing the unnamed term trains (attackers send longer lists)
 
 
 class PooledTerm:
