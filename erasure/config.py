@@ -75,11 +75,6 @@ class ESDConfig(BaseModel):
         0.0, ge=0, description="robust: weight of a term erasing the concept from prompts that leave it out or name "
         "nothing (word lists from the vocabulary), which the base's own prior can draw it for (erasure/robust.py); "
         "0: off")
-    prior_eta: float = Field(
-        0.0, ge=0, description="robust: every prediction the step trains (the concept's target, the preserved "
-        "prompts, the empty prompt) is also guided away from the concept by this much, as a negative prompt naming "
-        "it would at guidance PRIOR_ETA + 1, so prompts naming nothing stop drawing the base's prior of it "
-        "(erasure/esd.py); 0: off")
     guided_scales: list[float] = Field(
         [1.0, 1.5, 3.0, 5.0, 7.5, 12.0], min_length=1, description="robust: guidance scales the guided term draws "
         "from (<= 1: the conditional prediction alone, as diffusers samples it)")

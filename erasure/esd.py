@@ -313,18 +313,6 @@ class ESDTrainer:
         self.unet_passes += 2 * x.shape[0]
         return e0 - self.cfg.eta * (ep - e0)
 
-    @torch.no_grad()
-    def prior_shift(self, x: torch.Tensor, t: torch.Tensor, concept: str) -> torch.Tensor | None:
-        """``prior_eta (eps*(x, concept) - eps*(x, ""))``: how far every trained prediction moves away from the
-        concept at x, as a negative prompt naming it moves a guided one; None when ``prior_eta`` is 0."""
-        if not self.cfg.prior_eta:
-            return None
-        n = x.shape[0]
-        e_c, e_0 = self.predict(self.frozen, torch.cat([x, x]), torch.cat([t, t]), Conditioning.cat(
-            [self.encode([concept]).repeat(n), self.unconditional(n)])).chunk(2)
-        self.unet_passes += 2 * n
-        return self.cfg.prior_eta * (e_c - e_0)
-
     def _refresh_pool(self) -> None:
         n, steps = self.cfg.pool_trajectories, self.cfg.ddim_steps
         for concept in self.cfg.concepts:
@@ -395,18 +383,13 @@ class ESDTrainer:
             inputs.append(x_keep)
             conds.append(c_keep)
             kept.append(keep_target)
-        states = torch.cat(inputs)
-        shift = self.prior_shift(states, t.repeat(len(inputs)), concept)
-        if shift is not None:  # the base's prior of the concept, guided away on every prompt the step trains
-            target = target - shift[:n]
-            kept = [k - shift[n:] for k in kept]
         if self.cfg.preserve_unconditional:
             # the unconditional prediction steers every image through classifier-free guidance: left free, it
             # drifts with the erasure, which both weakens the erasure and moves other concepts
+            states = torch.cat(inputs)
             empty = self.unconditional(states.shape[0])
             with torch.no_grad():
-                empty_target = self.predict(self.frozen, states, t.repeat(len(inputs)), empty)
-            kept.append(empty_target if shift is None else empty_target - shift)
+                kept.append(self.predict(self.frozen, states, t.repeat(len(inputs)), empty))
             self.unet_passes += states.shape[0]
             inputs.append(states)
             conds.append(empty)

@@ -118,8 +118,6 @@ class GuidedTerm(PooledTerm):
             e_n, e_p, e_c, e_c0 = tr.predict(tr.frozen, x.repeat(4, 1, 1, 1), t.repeat(4), Conditioning.cat(
                 [batch["n_free"], batch["p_free"], batch["c"], batch["c0"]])).chunk(4)
             target = e_n + gv * (e_p - e_n) - gv * cfg.eta * (e_c - e_c0)
-        shift = tr.prior_shift(x, t, concept)  # both branches move by it, so the guided prediction does
-        target = target if shift is None else target - shift
         pred_n, pred_p = tr.predict(tr.unet, x.repeat(2, 1, 1, 1), t.repeat(2), Conditioning.cat([n, p])).chunk(2)
         tr.unet_passes += 6 * b
         guided = pred_n + gv * (pred_p - pred_n)
@@ -242,8 +240,6 @@ class UnnamedTerm(PooledTerm):
             e_u, e_named = tr.predict(tr.frozen, x.repeat(2, 1, 1, 1), t.repeat(2),
                                       Conditioning.cat([u, batch["named"]])).chunk(2)
             target = e_u - cfg.eta * (e_named - e_u)
-        shift = tr.prior_shift(x, t, concept)
-        target = target if shift is None else target - shift
         tr.unet_passes += 3 * x.shape[0]
         return cfg.unnamed_weight * tr.mse(tr.predict(tr.unet, x, t, u), target, t)
 

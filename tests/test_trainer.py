@@ -274,26 +274,3 @@ def test_the_unnamed_term_erases_the_concept_from_prompts_that_do_not_name_it(ra
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-7)
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.trainable.values())
-
-
-def test_prior_eta_guides_every_trained_prediction_away_from_the_concept(tmp_path):
-    """With ``prior_eta`` the held empty prompt and the preserved prompts move along -(eps*(x, concept) - eps*(x,
-    "")), as under a negative prompt naming the concept; without it they do not."""
-    cfg = ESDConfig(concepts=["circle"], iterations=20, templates=["toy"], lr=1e-3, ddim_steps=4, pool_trajectories=2,
-                    batch_size=2, refresh_every=5, preserve=["square"], preserve_weight=50.0,
-                    preserve_unconditional=True)
-    x = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
-    for prior_eta in (0.0, 2.0):
-        run = cfg.model_copy(update={"prior_eta": prior_eta})
-        trainer = ESDTrainer(random_toy_pipe(tmp_path / str(prior_eta)), run, progress=False)
-        assert (trainer.prior_shift(x, trainer.timesteps[:4], "circle") is None) == (prior_eta == 0)
-        trainer.train()
-        trainer.cfg = cfg.model_copy(update={"prior_eta": 1.0})  # the concept's direction, whichever run
-        t = trainer.timesteps[[1, 2, 1, 2]]
-        away = -trainer.prior_shift(x, t, "circle").flatten()
-        for prompt in ("", "a red square"):
-            cond = trainer.encode([prompt]).repeat(4)
-            with torch.no_grad():
-                moved = (trainer.predict(trainer.unet, x, t, cond) - trainer.predict(trainer.frozen, x, t, cond))
-            cosine = torch.nn.functional.cosine_similarity(moved.flatten(), away, dim=0).item()
-            assert cosine > 0.3 if prior_eta else cosine < 0.2  # measured 0.44-0.61 / -0.00-0.11 over 3 seeds
