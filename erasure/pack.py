@@ -37,7 +37,7 @@ from .config import AttackConfig, ESDConfig
 from .errors import PackIntegrityError, PackMismatchError
 from .files import atomic_write_text, sha256_file
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: guide_away (a format-2 manifest reads as format 3 without it)
 MANIFEST = "pack.json"
 DELTA = "delta.safetensors"
 CARD = "README.md"
@@ -109,7 +109,7 @@ class Manifest(BaseModel):
     """``pack.json``. ``files`` maps every other file of the pack to its sha256."""
 
     model_config = ConfigDict(extra="forbid")
-    format_version: Literal[2] = FORMAT_VERSION
+    format_version: Literal[3] = FORMAT_VERSION
     name: str
     training: ESDConfig = Field(description="the config that trained the pack, verbatim")
     base: BaseRef
@@ -117,6 +117,9 @@ class Manifest(BaseModel):
     files: dict[str, str] = Field(default_factory=dict, description="file name -> sha256, filled when saved")
     metrics: dict[str, Any] = Field(default_factory=dict)
     redteam: RedTeamRecord | None = Field(None, description="red-team figures (`erasure attack --record`)")
+    guide_away: float = Field(0.0, ge=0, description="every image of the pack is also guided away from its "
+                              "concepts by this much, on the base's prediction of them (erasure/guidance.py): "
+                              "reaches prompts naming nothing; set with the red-team record that measured it")
     created_at: dt.datetime
     tool_version: str
 
@@ -130,12 +133,15 @@ class Manifest(BaseModel):
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        """Parse ``pack.json`` of this format, or of format 1 (migrated in memory; the files stay as they are)."""
+        """Parse ``pack.json`` of this format, or of formats 1 and 2 (migrated in memory; the files stay as they
+        are). An older erasure refuses format 3 in one line rather than serve a pack without its ``guide_away``."""
         data = json.loads(text)
         if isinstance(data, dict) and data.get("format_version") == 1:
             data = _migrate_format_1(data)
+        elif isinstance(data, dict) and data.get("format_version") == 2:
+            data = {**data, "format_version": FORMAT_VERSION}
         elif isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"format version {data.get('format_version')!r}; this erasure reads formats 1 and "
+            raise ValueError(f"format version {data.get('format_version')!r}; this erasure reads formats 1 to "
                              f"{FORMAT_VERSION}: upgrade erasure to read it")
         return cls.model_validate(data)
 
@@ -231,6 +237,10 @@ class ConceptPack:
     @property
     def training(self) -> ESDConfig:
         return self.manifest.training
+
+    @property
+    def guide_away(self) -> float:
+        return self.manifest.guide_away
 
     def __repr__(self) -> str:
         m = self.manifest
