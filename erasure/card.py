@@ -37,6 +37,10 @@ The full training config is `training` in `pack.json`.
 The pack holds only the weight delta of the {{ n_tensors }} UNet tensors training touched (`delta.safetensors`,
 {{ t.delta_dtype }}) and a manifest (`pack.json`) with the sha256 of every file and a fingerprint of the base
 tensors it expects: it is refused on any other base.
+{%- if guide_away %} Every image the pack draws is also guided away from {{ concepts }} by {{ guide_away }}, on the
+base's prediction of it (`guide_away` in `pack.json`): a prompt naming nothing would otherwise draw the base's own
+prior of the concept. The BentoML service and `erasure generate / eval / attack` apply it; an exported LoRA or merged
+pipeline does not.{% endif %}
 
 ![base (top) vs erased (bottom)](preview.png)
 {% if eval %}
@@ -98,6 +102,7 @@ def render_card(manifest: "Manifest") -> str:
         templates=codes(t.templates), preserve=codes(t.preserve), preserve_synonyms=codes(t.preserve_synonyms),
         anchor=codes(t.anchor),
         n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"), redteam=manifest.redteam,
+        guide_away=manifest.guide_away,
         attack_text=_attack_text,
     )
     return str(card)
@@ -118,6 +123,9 @@ rank (scale 1). The factors reproduce the pack's weight deltas with a relative F
 {%- if lora_bias %} Bias deltas are in `lora_B.bias` (peft `lora_bias`): diffusers loads them, but peft refuses
 `fuse_lora()` on targeted layers without a bias.{% endif %}
 {%- if dropped %} Not carried: {{ dropped | length }} bias deltas (exported without biases).{% endif %}
+{%- if guide_away %} Not carried: the pack's guidance away from its concepts at sampling time (`guide_away`
+{{ guide_away }}), which only erasure's samplers apply: for prompts naming nothing these weights draw the base's prior
+of the concept.{% endif %}
 
 ```python
 from diffusers import DiffusionPipeline
@@ -127,6 +135,9 @@ pipe.load_lora_weights("<this directory or repository>")   # needs peft
 ```
 {% else %}
 A full diffusers pipeline: the base with θ = θ* + Δ composed in float32.
+{%- if guide_away %} Not carried: the pack's guidance away from its concepts at sampling time (`guide_away`
+{{ guide_away }}), which only erasure's samplers apply: for prompts naming nothing these weights draw the base's prior
+of the concept.{% endif %}
 
 ```python
 from diffusers import DiffusionPipeline
@@ -150,7 +161,7 @@ def render_export_card(manifest: "Manifest", kind: str, rank=None, weights=None)
         base_src=base.id if HUB_ID.match(base.id) else f"<the directory of base {base.id!r}>",
         concepts=", ".join(f"`{c}`" for c in t.concepts), n_modules=len(weights.ranks) if weights else 0,
         error=weights.relative_error if weights else 0.0, lora_bias=bool(weights and weights.config["lora_bias"]),
-        dropped=weights.dropped if weights else (),
+        dropped=weights.dropped if weights else (), guide_away=manifest.guide_away,
     )
     return str(card)
 

@@ -311,11 +311,14 @@ def cmd_attack(args) -> None:
 
         team = RedTeam(pipe, judge, cfg)
         for pack, scale in packs:
+            if cfg.guide_away is not None:  # attacked (and, with --record, published) as served with it
+                pack.manifest.guide_away = cfg.guide_away
             t0 = time.perf_counter()
             erased = with_packs(pipe, [(pack, scale)], base=base)
             results = team.attack_pipe(erased, args.concept or pack.concepts)
-            records[pack.name if pack.name not in records else str(pack.path)] = team.record(
-                results, time.perf_counter() - t0)
+            record = team.record(results, time.perf_counter() - t0)
+            record.config = record.config.model_copy(update={"guide_away": pack.guide_away})
+            records[pack.name if pack.name not in records else str(pack.path)] = record
     print_records(records)
     for name, rec in records.items():
         print(f"{name}: ASR " + ", ".join(f"{f} {a:.0%} (base {rec.base_rate[f]:.0%})" for f, a in rec.asr.items())

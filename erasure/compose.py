@@ -4,6 +4,8 @@
 touched tensors only) and holds theta* + sum s_i Delta_i, computed in float32 from the pristine base values and cast
 to the model's dtype (never accumulated in place: diffusers#5604). Packs touching the same tensor compose additively.
 Each pack is checked against the base first (names, shapes, fingerprint); nothing is built if one is refused.
+A pack with ``guide_away`` also guides every image away from its concepts at sampling time (erasure/guidance.py):
+the pack-set UNet carries that, and ``with_packs`` pipelines apply it.
 
 Example:
     >>> from erasure.compose import with_packs
@@ -20,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .guidance import install_guide_away, set_guide_away
 from .pack import BaseWeights, ConceptPack
 
 PackSpec = tuple[ConceptPack, float]
@@ -60,6 +63,7 @@ def compose_unet(base, packs: Sequence[PackSpec]) -> nn.Module:
     with torch.no_grad():  # one tensor at a time: a float32 copy of every touched tensor at once is GBs at SDXL size
         for name in dict.fromkeys(name for pack, _ in packs for name in pack.delta):
             params[name].copy_(composed_value(base.state, packs, name).to(params[name].dtype))
+    set_guide_away(clone, [(c, pack.guide_away * scale) for pack, scale in packs for c in pack.concepts], base.module)
     return clone
 
 
@@ -68,4 +72,6 @@ def with_packs(pipe, packs: Sequence[PackSpec], base: BaseWeights | None = None)
     ``base``: the BaseWeights of ``pipe.unet``, to reuse its cached fingerprints."""
     from .pipeline import share_pipeline
 
-    return share_pipeline(pipe, unet=compose_unet(base if base is not None else pipe.unet, packs))
+    composed = share_pipeline(pipe, unet=compose_unet(base if base is not None else pipe.unet, packs))
+    install_guide_away(composed)
+    return composed

@@ -210,4 +210,7 @@ class AttackConfig(RequestRange):
     soft_lr: float = Field(1e-2, gt=0, description="soft-prompt: Adam learning rate")
     soft_targets: int = Field(16, gt=1, description="soft-prompt: base images of the concept it learns to denoise")
     batch_size: int = Field(32, gt=0, description="images per pipeline call")
+    guide_away: float | None = Field(
+        None, ge=0, description="attack each pack as served with this guidance away from its concepts "
+        "(erasure/guidance.py; None: the pack's own); with --record it is written into the pack with the figures")
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .conditioning import Conditioning
+from .guidance import GuideAway, guide_away_of
 from .mixed import MixedUNet
 
 
@@ -58,6 +59,8 @@ class Track:
     generators: list[torch.Generator]
     step_kwargs: dict
     guided: bool
+    away: GuideAway | None = None  # the pack set's guidance away from its concepts (erasure/guidance.py)
+    away_rows: Conditioning | None = None
     index: int = 0
 
     @property
@@ -108,8 +111,13 @@ class BatchDenoiser:
         if self._accepts_generator:
             kwargs["generator"] = generators if len(generators) > 1 else generators[0]
         guided = request.guidance > 1  # the pipeline's do_classifier_free_guidance
-        return Track(request, request.unet if request.unet is not None else pipe.unet, scheduler,
-                     scheduler.timesteps, latents, generators, kwargs, guided)
+        unet = request.unet if request.unet is not None else pipe.unet
+        track = Track(request, unet, scheduler, scheduler.timesteps, latents, generators, kwargs, guided)
+        guidance = guide_away_of(unet)
+        if guidance is not None:
+            track.away = GuideAway(pipe, guidance)
+            track.away_rows = track.away.rows(len(request.seeds), (request.height, request.width))
+        return track
 
     def step(self, tracks: Sequence[Track]) -> None:
         """Advance every track one step: one UNet call per image size, rows grouped by pack set."""
@@ -138,8 +146,25 @@ class BatchDenoiser:
                 segments[-1] = (segments[-1][0] + track.rows, track.unet)
             else:
                 segments.append((track.rows, track.unet))
+        away = [track for track in tracks if track.away is not None]
+        for track in away:  # the base's rows of the concepts guided away from, after every request's own rows
+            t = track.timesteps[track.index]
+            rows = len(track.away_rows)
+            samples.append(track.scheduler.scale_model_input(track.latents.repeat(rows // track.images, 1, 1, 1), t))
+            times.append(t.reshape(1).expand(rows))
+            conds.append(track.away_rows)
+            if segments and segments[-1][1] is track.away.base_unet:
+                segments[-1] = (segments[-1][0] + rows, track.away.base_unet)
+            else:
+                segments.append((rows, track.away.base_unet))
         conditioning = Conditioning.cat(conds).to(self.device)
         noise = self.mixed(torch.cat(samples), torch.cat(times), segments, **conditioning.unet_kwargs())
+        start = sum(track.rows for track in tracks)
+        shifts = {}
+        for track in away:
+            rows = len(track.away_rows)
+            shifts[id(track)] = track.away.combine(noise[start:start + rows], track.images)
+            start += rows
         start = 0
         for track in tracks:
             pred = noise[start:start + track.rows]
@@ -147,6 +172,8 @@ class BatchDenoiser:
             if track.guided:
                 uncond, text = pred.chunk(2)
                 pred = uncond + track.request.guidance * (text - uncond)
+            if id(track) in shifts:  # both branches move alike, so the guided prediction moves by the shift
+                pred = pred - shifts[id(track)].to(pred.dtype)
             t = track.timesteps[track.index]
             track.latents = track.scheduler.step(pred, t, track.latents, **track.step_kwargs, return_dict=False)[0]
             track.index += 1

@@ -159,7 +159,8 @@ class MixedUNet:
     def __call__(self, sample: torch.Tensor, timestep, segments: Sequence[Segment], **unet_kwargs) -> torch.Tensor:
         """The UNet's prediction for ``sample`` [B, ...], rows split into ``segments`` (their rows sum to B)."""
         if len({id(u) for _, u in segments}) == 1:  # one pack set: its own UNet, exactly as when served alone
-            return segments[0][1](sample, timestep, return_dict=False, **unet_kwargs)[0]
+            # forward(), not the module call: a pack set's guide-away hook (erasure/guidance.py) is the caller's
+            return segments[0][1].forward(sample, timestep, return_dict=False, **unet_kwargs)[0]
         route = self.route(segments)
         if route.rows != sample.shape[0]:
             raise ValueError(f"segments cover {route.rows} rows, the sample has {sample.shape[0]}")

@@ -101,6 +101,8 @@ class PackInfo(BaseModel):
     source: str = Field(description="registry the pack came from")
     base: str = Field(description="base id the pack was trained on")
     tensors: int = Field(description="UNet tensors the pack changes")
+    guide_away: float = Field(0.0, description="how far every image is also guided away from the pack's concepts "
+                              "at sampling time, on the base's prediction of them (0: not)")
     redteam: RedTeamInfo | None = Field(None, description="the pack's red-team figures; null: never red-teamed")
 
 

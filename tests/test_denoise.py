@@ -29,9 +29,12 @@ def world(toy_pipe):
 
     x = make_pack(None, toy_pipe.unet, "circle", method="esd-x", seed=1)
     u = make_pack(None, toy_pipe.unet, "square", method="esd-u", seed=2, magnitude=3e-3)
+    away = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
+    away.manifest.guide_away = 1.5
     unets = {"base": toy_pipe.unet, "x": compose_unet(toy_pipe.unet, [(x, 1.0)]),
-             "u": compose_unet(toy_pipe.unet, [(u, 1.0)]), "xu": compose_unet(toy_pipe.unet, [(x, 1.0), (u, 1.0)])}
-    return {"unets": unets, "cond": conditioner_for(toy_pipe)}
+             "u": compose_unet(toy_pipe.unet, [(u, 1.0)]), "xu": compose_unet(toy_pipe.unet, [(x, 1.0), (u, 1.0)]),
+             "away": compose_unet(toy_pipe.unet, [(away, 1.0)])}
+    return {"unets": unets, "cond": conditioner_for(toy_pipe), "away": away}
 
 
 def request(world, prompt, seeds, unet="base", negative=None, guidance=3.0, steps=STEPS, size=64):
@@ -65,6 +68,39 @@ def test_a_request_alone_is_the_pipeline_byte_for_byte(toy_pipe, world, unet, ne
     assert np.array_equal(np.asarray(image), np.asarray(expected))
 
 
+def test_guide_away_moves_every_prediction_along_the_bases_concept_direction(toy_pipe, world):
+    """A pack with guide_away s: its pipeline's UNet predicts eps(x, p) - s (eps*(x, concept) - eps*(x, "")) for
+    any prompt, with the base's eps*, in a guided call (the same latents twice) and a plain one alike."""
+    from erasure.compose import with_packs
+
+    pipe, cond = with_packs(toy_pipe, [(world["away"], 1.0)]), world["cond"]
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    h, t = cond.encode(["a red square", "one"]).encoder_hidden_states, torch.tensor(500)
+    with torch.no_grad():
+        e_red = toy_pipe.unet(x, t, encoder_hidden_states=cond.encode(["red", "red"]).encoder_hidden_states).sample
+        e_empty = toy_pipe.unet(x, t, encoder_hidden_states=cond.unconditional(2).encoder_hidden_states).sample
+        for sample, hidden in ((torch.cat([x, x]), torch.cat([h, h])), (x, h)):
+            plain = pipe.unet.forward(sample, t, encoder_hidden_states=hidden).sample  # forward(): no hook
+            shifted = pipe.unet(sample, t, encoder_hidden_states=hidden).sample
+            expected = plain - 1.5 * (e_red - e_empty).repeat(len(sample) // 2, 1, 1, 1)
+            torch.testing.assert_close(shifted, expected, rtol=1e-4, atol=1e-5)
+    assert (e_red - e_empty).abs().mean() > 0.01  # the shift is not nothing
+
+
+def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
+    """The batched loop applies a pack set's guide_away as its with_packs pipeline does (after guidance rather
+    than per branch: within a pixel)."""
+    from erasure.compose import with_packs
+    from erasure.denoise import denoise
+
+    [[image]] = denoise(toy_pipe, [request(world, "one", [3], "away")])
+    pipe = with_packs(toy_pipe, [(world["away"], 1.0)])
+    expected = pipeline_image(toy_pipe, pipe.unet, "one", 3)
+    plain = pipeline_image(toy_pipe, world["unets"]["away"], "one", 3)  # the same pack set, no hook
+    assert np.abs(pixels([image])[0] - pixels([expected])[0]).max() <= 1
+    assert np.abs(pixels([image])[0] - pixels([plain])[0]).max() > 20
+
+
 def test_initial_noise_is_the_pipelines_per_seed(toy_pipe, world):
     from erasure.denoise import BatchDenoiser
 
@@ -82,12 +118,12 @@ def test_mixed_batch_rows_match_each_request_alone(toy_pipe, world):
     reqs = [request(world, "a red circle", [1]), request(world, "a blue square", [2, 3], "u", "red", 7.5),
             request(world, "a striped star", [4], "x", steps=STEPS - 1), request(world, "a green cross", [5], "xu"),
             request(world, "a dotted triangle", [6], "x", guidance=1.0),
-            request(world, "a yellow circle", [7], "u", size=32)]
+            request(world, "one", [8, 9], "away"), request(world, "a yellow circle", [7], "u", size=32)]
     alone = [pixels(denoise(toy_pipe, [r])[0]) for r in reqs]
     denoiser = BatchDenoiser(toy_pipe)
     batched = [pixels(images) for images in denoise(toy_pipe, reqs, denoiser)]
     again = [pixels(images) for images in denoise(toy_pipe, reqs, denoiser)]
-    assert [len(b) for b in batched] == [1, 2, 1, 1, 1, 1] and batched[-1][0].shape == (32, 32, 3)
+    assert [len(b) for b in batched] == [1, 2, 1, 1, 1, 2, 1] and batched[-1][0].shape == (32, 32, 3)
     for a, b, c in zip(alone, batched, again):
         for x, y, z in zip(a, b, c):
             assert np.abs(x - y).max() <= BOUND

@@ -72,6 +72,29 @@ def test_the_record_round_trips_through_push_and_pull(tmp_path, toy_pipe, capsys
     assert pulled.pack.manifest.redteam == record and read_files(pulled.path) == after
 
 
+def test_guide_away_is_attacked_as_served_and_recorded_with_the_figures(tmp_path, toy_pipe, capsys):
+    """`erasure attack --guide-away S --record`: the pack is attacked with S applied and published with it, so its
+    figures and the way it is served cannot drift apart; the card says what an export leaves out."""
+    from erasure.cli import main
+    from erasure.compose import with_packs
+    from erasure.guidance import guide_away_of
+    from erasure.pack import ConceptPack
+    from factories import make_pack
+
+    src = tmp_path / "circle"
+    make_pack(src, toy_pipe.unet, "circle", ("circle",), base_id="toy", magnitude=1e-4)
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "calibrate"]
+    assert main(["attack", str(src), "--family", "prompt", *quick, "--no-calibrate", "--guide-away", "2",
+                 "--record"]) == 0
+    pack = ConceptPack.from_pretrained(src)
+    assert pack.guide_away == 2.0 and pack.manifest.redteam.config.guide_away == 2.0
+    assert "guided away from `circle` by 2.0" in (src / "README.md").read_text().replace("\n", " ")
+    assert guide_away_of(with_packs(toy_pipe, [(pack, 0.5)]).unet).pairs == (("circle", 1.0),)  # times the scale
+    assert main(["attack", str(src), "--family", "prompt", *quick, "--no-calibrate", "--record"]) == 0
+    assert ConceptPack.from_pretrained(src).manifest.redteam.config.guide_away == 2.0  # the pack's own by default
+    capsys.readouterr()
+
+
 @pytest.mark.parametrize("families", [["prompt"], ["settings"]])
 def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge, families):
     """Mechanics on random weights: candidates scored never exceed the budget, and the best is first."""
