@@ -12,6 +12,9 @@ nothing (mean and worst prompt) and how often prompts naming a sibling draw that
 
     python bench/prior_guidance.py --concepts red circle
     python bench/prior_guidance.py --concepts red --packs toy/red@v5-attack3 --shifts 0 1 2
+
+``--reference prompt`` measures a variant the packs do not use: the shift taken relative to each image's own prompt,
+s (eps*(x, p + " " + concept) - eps*(x, p)), which needs the prompt's text at sampling time.
 """
 
 from __future__ import annotations
@@ -41,12 +44,14 @@ UNNAMED = ["", "one", "of", "small", "please", "drawing drawing line", "image fo
 
 @torch.no_grad()
 def sample(pipe, base_unet, prompts: list[str], concept: str, shift: float, guidance: float, steps: int, seed: int,
-           size: int = 64) -> list:
+           size: int = 64, reference: str = "empty") -> list:
     """Images of ``prompts`` (image i seeded ``seed + i``) guided away from ``concept`` by ``shift``, with the
-    service's computation of the shift (erasure/guidance.py) whether or not ``pipe`` has packs."""
+    service's computation of the shift (erasure/guidance.py) whether or not ``pipe`` has packs; ``reference="prompt"``:
+    relative to each prompt instead of the empty one (see the module docstring)."""
     cond, n = conditioner_for(pipe), len(prompts)
     rows = Conditioning.cat([cond.unconditional(n), cond.encode(prompts)])
     away = GuideAway(pipe, PackSetGuidance(((concept, shift),), base_unet))
+    relative = Conditioning.cat([cond.encode([f"{p} {concept}".strip() for p in prompts]), cond.encode(prompts)])
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
     shape = (1, pipe.unet.config.in_channels, size // pipe.vae_scale_factor, size // pipe.vae_scale_factor)
@@ -56,7 +61,11 @@ def sample(pipe, base_unet, prompts: list[str], concept: str, shift: float, guid
         x_in = scheduler.scale_model_input(torch.cat([x] * 2), t)
         e_u, e_p = pipe.unet(x_in, t, **rows.unet_kwargs()).sample.chunk(2)
         e = e_u + guidance * (e_p - e_u)
-        if shift:
+        if shift and reference == "prompt":
+            x_t = scheduler.scale_model_input(x, t)
+            e_c, e_b = base_unet(torch.cat([x_t] * 2), t, **relative.unet_kwargs()).sample.chunk(2)
+            e = e - shift * (e_c - e_b)
+        elif shift:
             e = e - away.shift(scheduler.scale_model_input(x, t), t, (size, size))
         x = scheduler.step(e, t, x).prev_sample
     images = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
@@ -73,14 +82,17 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16, help="images per prompt naming nothing")
     p.add_argument("--sibling-images", type=int, default=48, help="images of prompts naming the siblings")
     p.add_argument("--seed", type=int, default=5000)
+    p.add_argument("--reference", choices=["empty", "prompt"], default="empty",
+                   help="guide away relative to the empty prompt (as packs do) or to each image's prompt")
     args = p.parse_args()
 
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     base, judge = load_pipeline("toy"), ToyOracleJudge()
     pipe = with_packs(base, load_packs(args.packs)) if args.packs else base
     settings = [(int(s.split(":")[0]), float(s.split(":")[1])) for s in args.settings]
+    relative_to = "each image's prompt" if args.reference == "prompt" else "the empty prompt"
     table = Table(title=f"guided away from the concept at sampling time ({', '.join(args.packs) or 'the base'}; "
-                        "judge: toy oracle)")
+                        f"relative to {relative_to}; judge: toy oracle)")
     for column in ("concept", "steps", "g", "shift s", "concept, prompts naming nothing", "worst prompt",
                    "siblings drawn as asked"):
         table.add_column(column, justify="left" if column in ("concept", "worst prompt") else "right")
@@ -94,9 +106,11 @@ def main() -> None:
             unnamed = [u for u in UNNAMED for _ in range(args.images)]
             for steps, g in settings:
                 for shift in args.shifts:
-                    images = sample(pipe, base.unet, unnamed, concept, shift, g, steps, args.seed)
+                    images = sample(pipe, base.unet, unnamed, concept, shift, g, steps, args.seed,
+                                    reference=args.reference)
                     rates = judge.shows(images, concept).reshape(len(UNNAMED), -1).mean(1)
-                    images = sample(pipe, base.unet, sibling_prompts, concept, shift, g, steps, args.seed + 10_000)
+                    images = sample(pipe, base.unet, sibling_prompts, concept, shift, g, steps, args.seed + 10_000,
+                                    reference=args.reference)
                     hits = {s: [] for s in siblings}
                     for im, s in zip(images, asked):
                         hits[s].append(bool(judge.shows([im], s)[0]))
