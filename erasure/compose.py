@@ -5,7 +5,7 @@ touched tensors only) and holds theta* + sum s_i Delta_i, computed in float32 fr
 to the model's dtype (never accumulated in place: diffusers#5604). Packs touching the same tensor compose additively.
 Each pack is checked against the base first (names, shapes, fingerprint); nothing is built if one is refused.
 A pack with ``guide_away`` also guides every image away from its concepts at sampling time (erasure/guidance.py):
-the pack-set UNet carries that, and ``with_packs`` pipelines apply it.
+the pack-set UNet carries that, and every pipeline object made on it (``with_packs``, ``share_pipeline``) applies it.
 
 Example:
     >>> from erasure.compose import with_packs
@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .guidance import install_guide_away, set_guide_away
+from .guidance import set_guide_away
 from .pack import BaseWeights, ConceptPack
 
 PackSpec = tuple[ConceptPack, float]
@@ -72,6 +72,4 @@ def with_packs(pipe, packs: Sequence[PackSpec], base: BaseWeights | None = None)
     ``base``: the BaseWeights of ``pipe.unet``, to reuse its cached fingerprints."""
     from .pipeline import share_pipeline
 
-    composed = share_pipeline(pipe, unet=compose_unet(base if base is not None else pipe.unet, packs))
-    install_guide_away(composed)
-    return composed
+    return share_pipeline(pipe, unet=compose_unet(base if base is not None else pipe.unet, packs))

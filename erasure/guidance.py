@@ -12,8 +12,9 @@ guidance scale: what a negative prompt naming the concept does at guidance s + 1
 The base's prediction is used because a pack's own prediction for its concept is already erased (guiding away
 from it would guide *towards* the concept). Cost: two base UNet rows per image and step, per pack set with one.
 
-Where it is applied: ``with_packs`` pipelines (``erasure generate``, ``eval``, ``attack``, training previews) through
-a forward hook on their UNet; the service's batched loop (``erasure.denoise``) adds the rows to its UNet calls.
+Where it is applied: every pipeline object on a pack-set UNet (``with_packs``, ``share_pipeline``: ``erasure
+generate``, ``eval``, ``attack``, training previews, the service with batching off) through a forward hook on the
+UNet; the service's batched loop (``erasure.denoise``) adds the rows to its UNet calls.
 Both read the list ``compose_unet`` leaves on a pack-set UNet (``guide_away_of``).
 
 Example:
@@ -33,6 +34,7 @@ from torch import nn
 from .conditioning import Conditioning, conditioner_for
 
 _ATTRIBUTE = "erasure_guide_away"
+_HOOKED = "erasure_guide_away_hooked"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,11 +87,13 @@ class GuideAway:
 
 
 def install_guide_away(pipe) -> None:
-    """Make ``pipe.unet`` (a pack-set UNet from ``compose_unet``) guide away from its packs' concepts on every
-    call, through a forward hook; nothing to do when none of its packs asks for it."""
+    """Make ``pipe`` guide away from its packs' concepts on every UNet call when ``pipe.unet`` is a pack-set UNet
+    from ``compose_unet`` that asks for it: a forward hook on the UNet, registered once and shared by every pipeline
+    object using it. ``share_pipeline`` calls it, so every pipeline of a pack set applies it however it was made."""
     guidance = guide_away_of(pipe.unet)
-    if guidance is None:
+    if guidance is None or getattr(pipe.unet, _HOOKED, False):
         return
+    object.__setattr__(pipe.unet, _HOOKED, True)
     away, scale = GuideAway(pipe, guidance), pipe.vae_scale_factor
 
     def hook(module, args, kwargs, output):

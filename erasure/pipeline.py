@@ -120,8 +120,11 @@ def share_pipeline(pipe, **components):
     """A new pipeline object of ``pipe``'s class sharing its components, with ``components`` swapped in.
 
     Diffusers pipelines and schedulers keep per-call state (timesteps, step index, guidance scale), so concurrent
-    callers each take their own object; building one moves no weights."""
+    callers each take their own object; building one moves no weights. A pack-set UNet brings its guidance away
+    from its concepts (erasure/guidance.py)."""
     import inspect
+
+    from .guidance import install_guide_away
 
     parts = {**pipe.components, **components}
     for name in inspect.signature(type(pipe).__init__).parameters:
@@ -130,6 +133,7 @@ def share_pipeline(pipe, **components):
             parts[name] = pipe.config[name]
     new = type(pipe)(**parts)
     new.set_progress_bar_config(disable=True)
+    install_guide_away(new)  # a pack-set UNet's guidance away from its concepts, whichever pipeline object samples
     return new
 
 

@@ -31,9 +31,11 @@ def world(toy_pipe):
     u = make_pack(None, toy_pipe.unet, "square", method="esd-u", seed=2, magnitude=3e-3)
     away = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
     away.manifest.guide_away = 1.5
+    plain = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
     unets = {"base": toy_pipe.unet, "x": compose_unet(toy_pipe.unet, [(x, 1.0)]),
              "u": compose_unet(toy_pipe.unet, [(u, 1.0)]), "xu": compose_unet(toy_pipe.unet, [(x, 1.0), (u, 1.0)]),
-             "away": compose_unet(toy_pipe.unet, [(away, 1.0)])}
+             "away": compose_unet(toy_pipe.unet, [(away, 1.0)]),
+             "plain red": compose_unet(toy_pipe.unet, [(plain, 1.0)])}  # the same delta, no guide_away
     return {"unets": unets, "cond": conditioner_for(toy_pipe), "away": away}
 
 
@@ -88,15 +90,17 @@ def test_guide_away_moves_every_prediction_along_the_bases_concept_direction(toy
 
 
 def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
-    """The batched loop applies a pack set's guide_away as its with_packs pipeline does (after guidance rather
-    than per branch: within a pixel)."""
+    """The batched loop applies a pack set's guide_away as any pipeline object on its UNet does (after guidance
+    rather than per branch: within a pixel)."""
     from erasure.compose import with_packs
     from erasure.denoise import denoise
 
     [[image]] = denoise(toy_pipe, [request(world, "one", [3], "away")])
     pipe = with_packs(toy_pipe, [(world["away"], 1.0)])
-    expected = pipeline_image(toy_pipe, pipe.unet, "one", 3)
-    plain = pipeline_image(toy_pipe, world["unets"]["away"], "one", 3)  # the same pack set, no hook
+    # the pack set's UNet on a pipeline object of the base (the service's path with batching off) applies it too
+    expected = pipeline_image(toy_pipe, world["unets"]["away"], "one", 3)
+    assert np.array_equal(pixels([expected])[0], pixels([pipeline_image(pipe, pipe.unet, "one", 3)])[0])
+    plain = pipeline_image(toy_pipe, world["unets"]["plain red"], "one", 3)  # the same delta, no guide_away
     assert np.abs(pixels([image])[0] - pixels([expected])[0]).max() <= 1
     assert np.abs(pixels([image])[0] - pixels([plain])[0]).max() > 20
 
