@@ -38,11 +38,9 @@ The pack holds only the weight delta of the {{ n_tensors }} UNet tensors trainin
 {{ t.delta_dtype }}) and a manifest (`pack.json`) with the sha256 of every file and a fingerprint of the base
 tensors it expects: it is refused on any other base.
 {%- if guide_away %} Every image the pack draws is also guided away from {{ concepts }} by {{ guide_away }}, on the
-base's prediction of it, relative to
-{{ "each image's own prompt" if guide_away_reference == "prompt" else "the empty prompt" }} (`guide_away`,
-`guide_away_reference` in `pack.json`): a prompt naming nothing would otherwise draw the base's own prior of the
-concept. The BentoML service and `erasure generate / eval / attack` apply it; an exported LoRA or merged pipeline does
-not.{% endif %}
+base's prediction of it (`guide_away` in `pack.json`): a prompt naming nothing would otherwise draw the base's own
+prior of the concept. The BentoML service and `erasure generate / eval / attack` apply it; an exported LoRA or merged
+pipeline does not.{% endif %}
 
 ![base (top) vs erased (bottom)](preview.png)
 {% if eval %}
@@ -104,7 +102,7 @@ def render_card(manifest: "Manifest") -> str:
         templates=codes(t.templates), preserve=codes(t.preserve), preserve_synonyms=codes(t.preserve_synonyms),
         anchor=codes(t.anchor),
         n_tensors=len(manifest.tensors), eval=manifest.metrics.get("eval"), redteam=manifest.redteam,
-        guide_away=manifest.guide_away, guide_away_reference=manifest.guide_away_reference,
+        guide_away=manifest.guide_away,
         attack_text=_attack_text,
     )
     return str(card)

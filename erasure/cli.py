@@ -81,8 +81,6 @@ def add_model_options(parser: argparse.ArgumentParser, model, defaults: dict | N
             kwargs["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(ann) is typing.Literal:
             kwargs["choices"] = list(args)
-        elif any(typing.get_origin(a) is typing.Literal for a in args):  # an optional Literal
-            kwargs["choices"] = [c for a in args if typing.get_origin(a) is typing.Literal for c in typing.get_args(a)]
         else:
             scalar = next((a for a in args if a is not type(None)), ann) if args else ann
             kwargs["type"] = scalar if scalar in (int, float) else str
@@ -315,14 +313,11 @@ def cmd_attack(args) -> None:
         for pack, scale in packs:
             if cfg.guide_away is not None:  # attacked (and, with --record, published) as served with it
                 pack.manifest.guide_away = cfg.guide_away
-            if cfg.guide_away_reference is not None:
-                pack.manifest.guide_away_reference = cfg.guide_away_reference
             t0 = time.perf_counter()
             erased = with_packs(pipe, [(pack, scale)], base=base)
             results = team.attack_pipe(erased, args.concept or pack.concepts)
             record = team.record(results, time.perf_counter() - t0)
-            record.config = record.config.model_copy(update={"guide_away": pack.guide_away,
-                                                             "guide_away_reference": pack.guide_away_reference})
+            record.config = record.config.model_copy(update={"guide_away": pack.guide_away})
             records[pack.name if pack.name not in records else str(pack.path)] = record
     print_records(records)
     for name, rec in records.items():

@@ -63,8 +63,7 @@ def compose_unet(base, packs: Sequence[PackSpec]) -> nn.Module:
     with torch.no_grad():  # one tensor at a time: a float32 copy of every touched tensor at once is GBs at SDXL size
         for name in dict.fromkeys(name for pack, _ in packs for name in pack.delta):
             params[name].copy_(composed_value(base.state, packs, name).to(params[name].dtype))
-    set_guide_away(clone, [(c, pack.guide_away * scale, pack.guide_away_reference) for pack, scale in packs
-                          for c in pack.concepts], base.module)
+    set_guide_away(clone, [(c, pack.guide_away * scale) for pack, scale in packs for c in pack.concepts], base.module)
     return clone
 
 

@@ -17,8 +17,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 Method = Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"]
 METHODS: tuple[str, ...] = get_args(Method)
 DeltaDtype = Literal["float32", "float16", "bfloat16"]
-# what a pack's guide_away is measured from (erasure/guidance.py): the empty prompt, or each image's own prompt
-GuideAwayReference = Literal["empty", "prompt"]
 
 
 class ESDConfig(BaseModel):
@@ -214,8 +212,5 @@ class AttackConfig(RequestRange):
     batch_size: int = Field(32, gt=0, description="images per pipeline call")
     guide_away: float | None = Field(
         None, ge=0, description="attack each pack as served with this guidance away from its concepts "
-        "(erasure/guidance.py; None: the pack's own); with --record it is written into the pack with the figures")
-    guide_away_reference: GuideAwayReference | None = Field(
-        None, description="with guide_away: relative to the empty prompt or to each image's own prompt "
         "(erasure/guidance.py; None: the pack's own); with --record it is written into the pack with the figures")
 

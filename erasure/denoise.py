@@ -14,7 +14,7 @@ the measured bound); a request alone, one image, gives the same bytes as the dif
 Example:
     >>> cond = conditioner_for(pipe)
     >>> req = DenoiseRequest(cond.encode(["a red circle"]), cond.unconditional(1), seeds=[0], steps=20,
-    ...                      guidance=3.0, height=64, width=64, prompt="a red circle")
+    ...                      guidance=3.0, height=64, width=64)
     >>> [[image]] = denoise(pipe, [req])
 """
 
@@ -45,7 +45,6 @@ class DenoiseRequest:
     height: int
     width: int
     unet: nn.Module | None = None
-    prompt: str | None = None  # the text ``cond`` encodes: pack sets guiding away relative to the prompt need it
 
 
 @dataclasses.dataclass(eq=False)
@@ -117,14 +116,7 @@ class BatchDenoiser:
         guidance = guide_away_of(unet)
         if guidance is not None:
             track.away = GuideAway(pipe, guidance)
-            size, n = (request.height, request.width), len(request.seeds)
-            prompt_rows = None
-            if track.away.relative:
-                if request.prompt is None:
-                    raise ValueError("this pack set guides away relative to the prompt: DenoiseRequest.prompt is "
-                                     "required")
-                prompt_rows = track.away.prompt_rows([request.prompt] * n, size)
-            track.away_rows = track.away.rows(n, size, prompt_rows)
+            track.away_rows = track.away.rows(len(request.seeds), (request.height, request.width))
         return track
 
     def step(self, tracks: Sequence[Track]) -> None:
@@ -157,7 +149,7 @@ class BatchDenoiser:
         away = [track for track in tracks if track.away is not None]
         for track in away:  # the base's rows of the concepts guided away from, after every request's own rows
             t = track.timesteps[track.index]
-            rows = len(track.away_rows)  # blocks of one row per image (erasure/guidance.py)
+            rows = len(track.away_rows)
             samples.append(track.scheduler.scale_model_input(track.latents.repeat(rows // track.images, 1, 1, 1), t))
             times.append(t.reshape(1).expand(rows))
             conds.append(track.away_rows)

@@ -33,11 +33,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import AttackConfig, ESDConfig, GuideAwayReference
+from .config import AttackConfig, ESDConfig
 from .errors import PackIntegrityError, PackMismatchError
 from .files import atomic_write_text, sha256_file
 
-FORMAT_VERSION = 4  # 3: guide_away; 4: guide_away_reference (older manifests read as format 4 without them)
+FORMAT_VERSION = 3  # 3: guide_away (a format-2 manifest reads as format 3 without it)
 MANIFEST = "pack.json"
 DELTA = "delta.safetensors"
 CARD = "README.md"
@@ -109,7 +109,7 @@ class Manifest(BaseModel):
     """``pack.json``. ``files`` maps every other file of the pack to its sha256."""
 
     model_config = ConfigDict(extra="forbid")
-    format_version: Literal[4] = FORMAT_VERSION
+    format_version: Literal[3] = FORMAT_VERSION
     name: str
     training: ESDConfig = Field(description="the config that trained the pack, verbatim")
     base: BaseRef
@@ -120,9 +120,6 @@ class Manifest(BaseModel):
     guide_away: float = Field(0.0, ge=0, description="every image of the pack is also guided away from its "
                               "concepts by this much, on the base's prediction of them (erasure/guidance.py): "
                               "reaches prompts naming nothing; set with the red-team record that measured it")
-    guide_away_reference: GuideAwayReference = Field(
-        "empty", description="what guide_away is measured from: the empty prompt (every image moves alike) or each "
-        "image's own prompt (only what naming the concept would add to it)")
     created_at: dt.datetime
     tool_version: str
 
@@ -136,12 +133,12 @@ class Manifest(BaseModel):
 
     @classmethod
     def from_json(cls, text: str) -> "Manifest":
-        """Parse ``pack.json`` of this format, or of formats 1 to 3 (migrated in memory; the files stay as they
-        are). An older erasure refuses a newer format in one line rather than serve a pack without its guidance."""
+        """Parse ``pack.json`` of this format, or of formats 1 and 2 (migrated in memory; the files stay as they
+        are). An older erasure refuses format 3 in one line rather than serve a pack without its ``guide_away``."""
         data = json.loads(text)
         if isinstance(data, dict) and data.get("format_version") == 1:
             data = _migrate_format_1(data)
-        elif isinstance(data, dict) and data.get("format_version") in (2, 3):
+        elif isinstance(data, dict) and data.get("format_version") == 2:
             data = {**data, "format_version": FORMAT_VERSION}
         elif isinstance(data, dict) and data.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"format version {data.get('format_version')!r}; this erasure reads formats 1 to "
@@ -244,10 +241,6 @@ class ConceptPack:
     @property
     def guide_away(self) -> float:
         return self.manifest.guide_away
-
-    @property
-    def guide_away_reference(self) -> str:
-        return self.manifest.guide_away_reference
 
     def __repr__(self) -> str:
         m = self.manifest

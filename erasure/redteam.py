@@ -47,7 +47,6 @@ import torch.nn.functional as F
 from .conditioning import FAMILIES, conditioner_for, pipeline_family
 from .config import AttackConfig
 from .errors import InvalidArgumentError, UnsupportedBaseError
-from .guidance import installed_guide_away
 from .judges import Judge
 from .pack import AttackFigure, ConceptPack, RedTeamRecord
 from .prompts import mutate, vocabulary_words
@@ -152,16 +151,12 @@ class RedTeam:
     @torch.no_grad()
     def render_soft(self, pipe, soft: SoftPrompt, seeds: Sequence[int]) -> list:
         enc = SoftPromptEncoder(pipe, soft.vectors.shape[0])
-        away = installed_guide_away(pipe)
         r = soft.request
         images = []
         for start in range(0, len(seeds), self.cfg.batch_size):
             chunk = list(seeds[start : start + self.cfg.batch_size])
             prompts = [soft.prompts[(start + j) % len(soft.prompts)] for j in range(len(chunk))]
             cond, uncond = enc.encode(soft.vectors, prompts), self.conditioner.unconditional(len(chunk), r.size)
-            if away is not None:  # the soft tokens before the prompt with the concept appended, and without
-                away.remember(cond.encoder_hidden_states, prompts, lambda texts: enc.encode(soft.vectors, texts),
-                              reserved=enc.k)
             out = pipe(prompt_embeds=cond.encoder_hidden_states,
                        negative_prompt_embeds=uncond.encoder_hidden_states.to(cond.encoder_hidden_states),
                        num_inference_steps=r.steps, guidance_scale=r.guidance, height=r.size,
@@ -374,7 +369,6 @@ class RedTeam:
         cfg = self.cfg
         x0, prompts = targets if targets is not None else self._targets(concept)
         enc = SoftPromptEncoder(pipe, cfg.soft_tokens)
-        away = installed_guide_away(pipe)
         vectors = enc.word_vectors(self.judge.names(concept)).requires_grad_(True)
         noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
         prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
@@ -396,12 +390,7 @@ class RedTeam:
                 noise = torch.randn(x0[idx].shape, generator=g)
                 x_t = noise_sched.add_noise(x0[idx], noise, t)
                 target = noise if prediction == "epsilon" else noise_sched.get_velocity(x0[idx], noise, t)
-                batch_prompts = [prompts[i] for i in idx.tolist()]
-                cond = enc.encode(vectors, batch_prompts)
-                if away is not None:  # the shift is taken at the current vectors, without a gradient through it
-                    with torch.no_grad():
-                        away.remember(cond.encoder_hidden_states, batch_prompts,
-                                      lambda texts: enc.encode(vectors.detach(), texts), reserved=enc.k)
+                cond = enc.encode(vectors, [prompts[i] for i in idx.tolist()])
                 loss = F.mse_loss(pipe.unet(x_t, t, **cond.unet_kwargs()).sample, target)
                 opt.zero_grad()
                 loss.backward()

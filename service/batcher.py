@@ -146,7 +146,7 @@ class Batcher:
                 uncond = conditioner.encode([job.negative_prompt]) if job.negative_prompt else \
                     conditioner.unconditional(1)
                 request = DenoiseRequest(cond, uncond, job.seeds, job.steps, job.guidance, job.height, job.width,
-                                         job.unet, prompt=job.prompt)
+                                         job.unet)
                 started.append((job, self.denoiser.start(request)))
             except Exception as exc:  # this request only
                 logger.exception("request could not start")

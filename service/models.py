@@ -103,8 +103,6 @@ class PackInfo(BaseModel):
     tensors: int = Field(description="UNet tensors the pack changes")
     guide_away: float = Field(0.0, description="how far every image is also guided away from the pack's concepts "
                               "at sampling time, on the base's prediction of them (0: not)")
-    guide_away_reference: str = Field("empty", description="what guide_away is relative to: the empty prompt or "
-                                      "each image's own prompt (`prompt`)")
     redteam: RedTeamInfo | None = Field(None, description="the pack's red-team figures; null: never red-teamed")
 
 

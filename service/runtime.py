@@ -62,8 +62,7 @@ class LoadedPack:
                        "asr": rt.asr, "judge": rt.judge, "seeds": rt.config.seeds}
         return {"name": self.name, "concepts": list(m.concepts), "method": m.method, "mandatory": self.mandatory,
                 "scale": self.scale, "sha": self.sha, "repo": self.repo, "source": self.source,
-                "base": m.base.id, "tensors": len(m.tensors), "guide_away": m.guide_away,
-                "guide_away_reference": m.guide_away_reference, "redteam": redteam}
+                "base": m.base.id, "tensors": len(m.tensors), "guide_away": m.guide_away, "redteam": redteam}
 
 
 @dataclasses.dataclass

@@ -32,14 +32,11 @@ def world(toy_pipe):
     away = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
     away.manifest.guide_away = 1.5
     plain = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
-    relative = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
-    relative.manifest.guide_away, relative.manifest.guide_away_reference = 1.5, "prompt"
     unets = {"base": toy_pipe.unet, "x": compose_unet(toy_pipe.unet, [(x, 1.0)]),
              "u": compose_unet(toy_pipe.unet, [(u, 1.0)]), "xu": compose_unet(toy_pipe.unet, [(x, 1.0), (u, 1.0)]),
              "away": compose_unet(toy_pipe.unet, [(away, 1.0)]),
-             "relative": compose_unet(toy_pipe.unet, [(relative, 1.0)]),
              "plain red": compose_unet(toy_pipe.unet, [(plain, 1.0)])}  # the same delta, no guide_away
-    return {"unets": unets, "cond": conditioner_for(toy_pipe), "away": away, "relative": relative}
+    return {"unets": unets, "cond": conditioner_for(toy_pipe), "away": away}
 
 
 def request(world, prompt, seeds, unet="base", negative=None, guidance=3.0, steps=STEPS, size=64):
@@ -47,8 +44,7 @@ def request(world, prompt, seeds, unet="base", negative=None, guidance=3.0, step
 
     c = world["cond"]
     return DenoiseRequest(c.encode([prompt]), c.encode([negative]) if negative else c.unconditional(1), seeds=seeds,
-                          steps=steps, guidance=guidance, height=size, width=size, unet=world["unets"][unet],
-                          prompt=prompt)
+                          steps=steps, guidance=guidance, height=size, width=size, unet=world["unets"][unet])
 
 
 def pixels(images):
@@ -95,72 +91,18 @@ def test_guide_away_moves_every_prediction_along_the_bases_concept_direction(toy
 
 def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
     """The batched loop applies a pack set's guide_away as any pipeline object on its UNet does (after guidance
-    rather than per branch: within a pixel), for either reference."""
+    rather than per branch: within a pixel)."""
     from erasure.compose import with_packs
     from erasure.denoise import denoise
 
-    for name in ("away", "relative"):
-        [[image]] = denoise(toy_pipe, [request(world, "one", [3], name)])
-        pipe = with_packs(toy_pipe, [(world[name], 1.0)])
-        # the pack set's UNet on a pipeline object of the base (the service's path with batching off) applies it too
-        expected = pipeline_image(toy_pipe, world["unets"][name], "one", 3)
-        assert np.array_equal(pixels([expected])[0], pixels([pipeline_image(pipe, pipe.unet, "one", 3)])[0])
-        plain = pipeline_image(toy_pipe, world["unets"]["plain red"], "one", 3)
-        assert np.abs(pixels([image])[0] - pixels([expected])[0]).max() <= 1
-        assert np.abs(pixels([image])[0] - pixels([plain])[0]).max() > 20
-
-
-def test_guide_away_relative_to_the_prompt_moves_each_image_by_its_own_prompts_direction(toy_pipe, world):
-    """guide_away_reference "prompt": the pipeline's UNet predicts eps(x, p) - s (eps*(x, p + " red") - eps*(x, p))
-    for each image's own prompt p, found from the encoding the pipeline made of it, guided or plain."""
-    from erasure.compose import with_packs
-
-    pipe, cond = with_packs(toy_pipe, [(world["relative"], 1.0)]), world["cond"]
-    prompts = ["a green square", "one"]
-    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    t = torch.tensor(500)
-    with torch.no_grad():
-        h, _ = pipe.encode_prompt(prompts, "cpu", 1, False)  # as the pipeline encodes them: remembered
-        e_with = toy_pipe.unet(x, t, encoder_hidden_states=cond.encode([p + " red" for p in prompts])
-                               .encoder_hidden_states).sample
-        e_own = toy_pipe.unet(x, t, encoder_hidden_states=cond.encode(prompts).encoder_hidden_states).sample
-        for sample, hidden in ((torch.cat([x, x]), torch.cat([h, h])), (x, h)):
-            plain = pipe.unet.forward(sample, t, encoder_hidden_states=hidden).sample
-            shifted = pipe.unet(sample, t, encoder_hidden_states=hidden).sample
-            expected = plain - 1.5 * (e_with - e_own).repeat(len(sample) // 2, 1, 1, 1)
-            torch.testing.assert_close(shifted, expected, rtol=1e-4, atol=1e-5)
-    empty = toy_pipe.unet(x, t, encoder_hidden_states=cond.encode(["red", "red"]).encoder_hidden_states).sample - \
-        toy_pipe.unet(x, t, encoder_hidden_states=cond.unconditional(2).encoder_hidden_states).sample
-    assert (e_with - e_own - empty).abs().mean() > 0.01  # not the empty reference's shift
-
-
-def test_guide_away_relative_to_the_prompt_refuses_an_encoding_it_was_not_given(toy_pipe, world):
-    """Fail closed: prompt embeddings nobody remembered cannot be guided relative to their prompt."""
-    from erasure.compose import with_packs
-    from erasure.denoise import BatchDenoiser
-    from erasure.guidance import UnknownPromptError
-
-    pipe = with_packs(toy_pipe, [(world["relative"], 1.0)])
-    embeds = world["cond"].encode(["a red circle"]).encoder_hidden_states
-    with pytest.raises(UnknownPromptError, match="prompt="):
-        pipe(prompt_embeds=embeds, num_inference_steps=2, guidance_scale=3.0, height=64, width=64)
-    req = request(world, "a red circle", [1], "relative")
-    req.prompt = None
-    with pytest.raises(ValueError, match="DenoiseRequest.prompt"):
-        BatchDenoiser(toy_pipe).start(req)
-
-
-def test_the_concept_is_kept_when_the_prompt_fills_the_encoders_context(toy_pipe, world):
-    from erasure.compose import with_packs
-    from erasure.guidance import installed_guide_away
-
-    away = installed_guide_away(with_packs(toy_pipe, [(world["relative"], 1.0)]))
-    long = " ".join(["green"] * 40)
-    with_red, own = away.relative_texts(long)
-    ids = toy_pipe.tokenizer(with_red, add_special_tokens=False).input_ids
-    assert with_red.endswith(" red") and with_red == own + " red"
-    assert len(ids) == toy_pipe.tokenizer.model_max_length - 2  # fills the context, the concept inside it
-    assert away.relative_texts("a green square") == ["a green square red", "a green square"]
+    [[image]] = denoise(toy_pipe, [request(world, "one", [3], "away")])
+    pipe = with_packs(toy_pipe, [(world["away"], 1.0)])
+    # the pack set's UNet on a pipeline object of the base (the service's path with batching off) applies it too
+    expected = pipeline_image(toy_pipe, world["unets"]["away"], "one", 3)
+    assert np.array_equal(pixels([expected])[0], pixels([pipeline_image(pipe, pipe.unet, "one", 3)])[0])
+    plain = pipeline_image(toy_pipe, world["unets"]["plain red"], "one", 3)  # the same delta, no guide_away
+    assert np.abs(pixels([image])[0] - pixels([expected])[0]).max() <= 1
+    assert np.abs(pixels([image])[0] - pixels([plain])[0]).max() > 20
 
 
 def test_initial_noise_is_the_pipelines_per_seed(toy_pipe, world):
@@ -180,13 +122,12 @@ def test_mixed_batch_rows_match_each_request_alone(toy_pipe, world):
     reqs = [request(world, "a red circle", [1]), request(world, "a blue square", [2, 3], "u", "red", 7.5),
             request(world, "a striped star", [4], "x", steps=STEPS - 1), request(world, "a green cross", [5], "xu"),
             request(world, "a dotted triangle", [6], "x", guidance=1.0),
-            request(world, "one", [8, 9], "away"), request(world, "a yellow circle", [7], "u", size=32),
-            request(world, "a green circle", [10, 11], "relative")]
+            request(world, "one", [8, 9], "away"), request(world, "a yellow circle", [7], "u", size=32)]
     alone = [pixels(denoise(toy_pipe, [r])[0]) for r in reqs]
     denoiser = BatchDenoiser(toy_pipe)
     batched = [pixels(images) for images in denoise(toy_pipe, reqs, denoiser)]
     again = [pixels(images) for images in denoise(toy_pipe, reqs, denoiser)]
-    assert [len(b) for b in batched] == [1, 2, 1, 1, 1, 2, 1, 2] and batched[-2][0].shape == (32, 32, 3)
+    assert [len(b) for b in batched] == [1, 2, 1, 1, 1, 2, 1] and batched[-1][0].shape == (32, 32, 3)
     for a, b, c in zip(alone, batched, again):
         for x, y, z in zip(a, b, c):
             assert np.abs(x - y).max() <= BOUND

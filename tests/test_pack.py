@@ -62,8 +62,7 @@ def test_save_and_load_round_trip_with_the_training_config_verbatim(random_pipe,
     pack = make_pack(tmp_path / "p", random_pipe.unet, "p", concepts=("circle", "red"))
     loaded = ConceptPack.from_pretrained(tmp_path / "p")
     data = json.loads((tmp_path / "p" / "pack.json").read_text())
-    assert data["format_version"] == FORMAT_VERSION == 4 and data["guide_away"] == 0.0
-    assert data["guide_away_reference"] == "empty"
+    assert data["format_version"] == FORMAT_VERSION == 3 and data["guide_away"] == 0.0
     assert data["training"] == pack.training.model_dump(mode="json")  # every option, verbatim
     assert loaded.concepts == ["circle", "red"] and loaded.manifest.tensors == pack.manifest.tensors
     assert all(torch.equal(loaded.delta[n], pack.delta[n]) for n in pack.delta)
@@ -86,29 +85,23 @@ def test_the_card_is_a_hub_model_card(random_pipe, tmp_path):
 
 def test_format_1_packs_are_migrated_on_read():
     pack = ConceptPack.from_pretrained(SHIPPED_V3)  # the shipped v3 circle pack, written in format 1
-    assert pack.manifest.format_version == 4 and pack.concepts == ["circle"] and pack.guide_away == 0.0
+    assert pack.manifest.format_version == 3 and pack.concepts == ["circle"] and pack.guide_away == 0.0
     t = pack.training
     assert (t.method, t.iterations, t.lr, t.templates, t.preserve_weight) == ("esd-x", 200, 1e-4, ["toy"], 10.0)
     assert t.preserve == ["square", "triangle", "star", "cross"] and t.delta_dtype == "float32"
 
 
-def test_format_2_packs_read_as_format_4_without_guide_away():
+def test_format_2_packs_read_as_format_3_without_guide_away():
     pack = ConceptPack.from_pretrained("toy/circle", revision="v5-attack3")  # published in format 2
     assert json.loads((pack.path / "pack.json").read_text())["format_version"] == 2
-    assert pack.manifest.format_version == 4 and pack.guide_away == 0.0
-
-
-def test_format_3_packs_read_as_format_4_guided_away_from_the_empty_prompt():
-    pack = ConceptPack.from_pretrained("toy/circle", revision="v5-away")  # published in format 3
-    assert json.loads((pack.path / "pack.json").read_text())["format_version"] == 3
-    assert pack.manifest.format_version == 4 and pack.guide_away == 1.0 and pack.guide_away_reference == "empty"
+    assert pack.manifest.format_version == 3 and pack.guide_away == 0.0
 
 
 def test_other_format_versions_are_refused_in_one_line(random_pipe, tmp_path):
     make_pack(tmp_path / "p", random_pipe.unet, "p")
     data = json.loads((tmp_path / "p" / "pack.json").read_text())
-    (tmp_path / "p" / "pack.json").write_text(json.dumps({**data, "format_version": 5}))
-    with pytest.raises(PackIntegrityError, match=r"format version 5; this erasure reads formats 1 to 4") as err:
+    (tmp_path / "p" / "pack.json").write_text(json.dumps({**data, "format_version": 4}))
+    with pytest.raises(PackIntegrityError, match=r"format version 4; this erasure reads formats 1 to 3") as err:
         ConceptPack.from_pretrained(tmp_path / "p")
     assert len(str(err.value).splitlines()) == 1
 

@@ -95,29 +95,6 @@ def test_guide_away_is_attacked_as_served_and_recorded_with_the_figures(tmp_path
     capsys.readouterr()
 
 
-def test_a_pack_guided_away_relative_to_the_prompt_is_attacked_by_every_family(tmp_path, toy_pipe, capsys):
-    """The prompt reference needs each image's prompt: the soft-prompt family (which encodes its own prompts) and
-    the black-box families sample through it, and --record writes the reference with the figures."""
-    from erasure.cli import main
-    from erasure.compose import with_packs
-    from erasure.guidance import guide_away_of
-    from erasure.pack import ConceptPack
-    from factories import make_pack
-
-    src = tmp_path / "circle"
-    make_pack(src, toy_pipe.unet, "circle", ("circle",), base_id="toy", magnitude=1e-4)
-    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k not in ("calibrate", "soft_steps")]
-    assert main(["attack", str(src), "--family", "settings", "--family", "soft-prompt", *quick, "--soft-steps=3",
-                 "--no-calibrate", "--guide-away", "1", "--guide-away-reference", "prompt", "--record"]) == 0
-    pack = ConceptPack.from_pretrained(src)
-    assert (pack.guide_away, pack.guide_away_reference) == (1.0, "prompt")
-    assert pack.manifest.redteam.config.guide_away_reference == "prompt"
-    assert set(pack.manifest.redteam.asr) == {"settings", "soft-prompt"}
-    assert "relative to each image's own prompt" in (src / "README.md").read_text().replace("\n", " ")
-    assert guide_away_of(with_packs(toy_pipe, [(pack, 1.0)]).unet).relative == (("circle", 1.0),)
-    capsys.readouterr()
-
-
 @pytest.mark.parametrize("families", [["prompt"], ["settings"]])
 def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge, families):
     """Mechanics on random weights: candidates scored never exceed the budget, and the best is first."""
