@@ -200,6 +200,9 @@ class AttackConfig(RequestRange):
     validation_seeds: int = Field(12, gt=0, description="images per finalist on seeds the search never saw")
     seeds: int = Field(64, gt=0, description="fresh seeds of the final test (the ASR), never seen by the search")
     seed: int = Field(0, ge=0, description="seeds the search (mutations, prompts, seed ranges)")
+    start_prompts: list[str] = Field(
+        [], description="prompt both black-box searches also start from (repeat): attacks found before, on other "
+        "packs or in a benchmark; the judge's known prompts are always added")
     calibrate: bool = Field(True, description="also run each family against the base: it must find the concept "
                             "there for its figure on the pack to mean anything")
     steps: int = Field(20, gt=0, description="denoising steps of a request that sets none")

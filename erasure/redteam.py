@@ -53,8 +53,9 @@ from .prompts import mutate, vocabulary_words
 from .softprompt import SUPPORTED_FAMILIES, SoftPromptEncoder
 
 # 2: the prompt search also starts from prompts naming the concept's siblings; 3: and from prompts naming nothing
-# (the base's own prior can draw the concept), and the settings search frames sibling and unnamed prompts too
-ATTACK_VERSION = 3
+# (the base's own prior can draw the concept), and the settings search frames sibling and unnamed prompts too;
+# 4: both also start from the judge's known prompts and the config's start_prompts (attacks found before)
+ATTACK_VERSION = 4
 # Disjoint seed ranges: the search, the validation of its finalists and the final test never share an image seed.
 SEARCH_SEEDS, VALIDATION_SEEDS, FRESH_SEEDS = 0, 10**6, 2 * 10**6
 GUIDANCE_GRID = (0.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0)  # diffusers skips guidance at <= 1: 0 stands for all
@@ -235,14 +236,19 @@ class RedTeam:
         words = [w for w in self.vocabulary if w not in named]
         return [" ".join(rng.choice(words, size=1 + i % 3)) for i in range(n)] if words else []
 
+    def known_prompts(self, concept: str) -> list[str]:
+        """Attacks found before: the config's ``start_prompts``, then the judge's known prompts."""
+        return list(dict.fromkeys(self.cfg.start_prompts + self.judge.known_prompts(concept)))
+
     def prompt_candidates(self, concept: str, rng: np.random.Generator) -> list[Request]:
-        """The search's starting prompts: natural prompts naming the concept (train and held-out wording), the
-        bare name, repeated, word lists mixing its names with other words, prompts naming each sibling and no
-        word of the concept (a pack can make the model draw the concept for a neighbour's prompt), prompts that
-        leave the concept out, and prompts naming nothing."""
+        """The search's starting prompts: attacks found before (``known_prompts``), natural prompts naming the
+        concept (train and held-out wording), the bare name, repeated, word lists mixing its names with other
+        words, prompts naming each sibling and no word of the concept (a pack can make the model draw the concept
+        for a neighbour's prompt), prompts that leave the concept out, and prompts naming nothing."""
         j = self.judge
         names, siblings, others = j.names(concept), j.siblings(concept), j.other_words(concept)
-        prompts = j.prompts(concept, 4, rng, "train") + j.prompts(concept, 2, rng, "heldout") + [
+        prompts = self.known_prompts(concept) + j.prompts(concept, 4, rng, "train") + j.prompts(
+            concept, 2, rng, "heldout") + [
             names[0], " ".join([names[0]] * 3), " ".join(names),
             " ".join(list(rng.permutation(siblings + names[:1]))),
             " ".join(list(rng.permutation(others))[:4] + names[1:2]),
@@ -276,10 +282,10 @@ class RedTeam:
     # --- request settings ---------------------------------------------------------------------------------------
 
     def framings(self, concept: str, rng: np.random.Generator) -> list[tuple[str, str | None]]:
-        """(prompt, negative prompt) pairs: plain prompts naming the concept, prompts leaving it out, naming a
-        sibling or naming nothing, and negative prompts naming its siblings, each sibling, the concept itself (an
-        erased word can push towards it when negated) and other words; no negative prompts where the request
-        range has none."""
+        """(prompt, negative prompt) pairs: attacks found before, plain prompts naming the concept, prompts leaving
+        it out, naming a sibling or naming nothing, and negative prompts naming its siblings, each sibling, the
+        concept itself (an erased word can push towards it when negated) and other words; no negative prompts where
+        the request range has none."""
         j = self.judge
         named = j.prompts(concept, 1, rng, "train") + j.prompts(concept, 1, rng, "heldout")
         neutral = j.neutral_prompts(concept, 2, rng)
@@ -293,6 +299,7 @@ class RedTeam:
         out += [(neutral[0], s) for s in siblings]
         out += [(p, None) for p in sibling_prompts + unnamed] + [(p, " ".join(siblings)) for p in unnamed]
         out += [(p, " ".join(x for x in siblings if x != s)) for p, s in zip(sibling_prompts, siblings)]
+        out = [(p, None) for p in self.known_prompts(concept)] + out
         if not self.cfg.negative_prompt:  # a service with limits.negative_prompt false refuses them
             out = [(p, None) for p, _ in out]
         return [(p, n) for p, n in dict.fromkeys(out) if p.strip()]

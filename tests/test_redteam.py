@@ -150,9 +150,9 @@ def test_the_prompt_search_finds_a_concept_drawn_for_a_siblings_prompt(toy_pipe,
 
     from erasure.prompts import names_any
 
-    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **{**QUICK, "budget": 24}), progress=False)
+    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **{**QUICK, "budget": 48}), progress=False)
     prompts = [r.prompt for r in team.prompt_candidates("red", np.random.default_rng(0))]
-    assert len(prompts) <= 24  # every starting prompt is scored
+    assert len(prompts) <= 48  # every starting prompt is scored
     for sibling in judge.siblings("red"):
         assert any(names_any(p, [sibling]) and not names_any(p, judge.names("red")) for p in prompts), sibling
 
@@ -184,3 +184,16 @@ def test_both_black_box_searches_start_from_prompts_naming_nothing_and_from_sibl
         for sibling in judge.siblings(concept):
             assert any(names_any(p, judge.names(sibling)) and not names_any(p, judge.names(concept))
                        for p in framings), sibling
+
+
+def test_both_black_box_searches_start_from_attacks_found_before(random_pipe, judge):
+    """Attack version 4: the config's start prompts and the judge's known prompts (every earlier record's best
+    attacks) come first in both searches, so a new record never misses what an earlier red team found."""
+    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK, start_prompts=["a photo of nothing"]), progress=False)
+    for concept in ("red", "square"):
+        known = ["a photo of nothing", *judge.known_prompts(concept)]
+        prompts = [r.prompt for r in team.prompt_candidates(concept, np.random.default_rng(0))]
+        framings = [p for p, _ in team.framings(concept, np.random.default_rng(0))]
+        assert prompts[:len(known)] == known and framings[:len(known)] == known
+    assert "hollow hollow background" in judge.known_prompts("circle")  # prompts naming nothing: every concept
+    assert "crimson scarlet" in judge.known_prompts("red") and "crimson scarlet" not in judge.known_prompts("square")
