@@ -15,12 +15,13 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def refused(pack: str, figure: str):
-    """A shipped pack whose red team v3 record is above the bar: the service refuses it as a mandatory pack."""
+    """A shipped pack whose red-team record is above the bar: the service refuses it as a mandatory pack."""
     return pytest.param(pack, marks=pytest.mark.xfail(strict=True, reason=f"{pack}'s record is above the bar "
                                                       f"({figure}, docs/robustness.md): the service refuses it"))
 
 
-@pytest.mark.parametrize("pack", ["circle", refused("red", "settings 27 %, base 25 %: 'one'"), "striped", "square"])
+@pytest.mark.parametrize("pack", ["circle", refused("red", "prompt 75 %, base 31 %: 'hollow hollow background'"),
+                                  "striped", "square"])
 @pytest.mark.slow
 def test_a_mandatory_shipped_pack_holds_against_every_request_field(pack, tmp_path):
     out = tmp_path / "http.json"
