@@ -95,6 +95,7 @@ def install_guide_away(pipe) -> None:
         return
     object.__setattr__(pipe.unet, _HOOKED, True)
     away, scale = GuideAway(pipe, guidance), pipe.vae_scale_factor
+    away.rows(1, None)  # encode the concepts once, now: pipelines sampling in several threads then only read the cache
 
     def hook(module, args, kwargs, output):
         sample = args[0] if args else kwargs["sample"]
