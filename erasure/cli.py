@@ -314,9 +314,9 @@ def cmd_attack(args) -> None:
             if cfg.guide_away is not None:  # attacked (and, with --record, published) as served with it
                 pack.manifest.guide_away = cfg.guide_away
             t0 = time.perf_counter()
-            erased = with_packs(pipe, [(pack, scale)], base=base)
-            results = team.attack_pipe(erased, args.concept or pack.concepts)
-            record = team.record(results, time.perf_counter() - t0)
+            erased, pack_team = with_packs(pipe, [(pack, scale)], base=base), team.for_pack(pack)
+            results = pack_team.attack_pipe(erased, args.concept or pack.concepts)
+            record = pack_team.record(results, time.perf_counter() - t0)
             record.config = record.config.model_copy(update={"guide_away": pack.guide_away})
             records[pack.name if pack.name not in records else str(pack.path)] = record
     print_records(records)

@@ -202,7 +202,7 @@ class AttackConfig(RequestRange):
     seed: int = Field(0, ge=0, description="seeds the search (mutations, prompts, seed ranges)")
     start_prompts: list[str] = Field(
         [], description="prompt both black-box searches also start from (repeat): attacks found before, on other "
-        "packs or in a benchmark; the judge's known prompts are always added")
+        "packs or in a benchmark; the judge's known prompts and the pack's own record's attacks are always added")
     calibrate: bool = Field(True, description="also run each family against the base: it must find the concept "
                             "there for its figure on the pack to mean anything")
     steps: int = Field(20, gt=0, description="denoising steps of a request that sets none")

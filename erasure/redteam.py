@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime as dt
 import sys
@@ -448,6 +449,18 @@ class RedTeam:
             self._calibration[key] = self.fresh_rate(self.base, concept, attack).rate
         return self._calibration[key]
 
+    def starting_from(self, prompts: Sequence[str]) -> "RedTeam":
+        """This red team with ``prompts`` added to its ``start_prompts`` (sharing its calibration on the base)."""
+        team = copy.copy(self)
+        team.cfg = self.cfg.model_copy(update={"start_prompts": list(dict.fromkeys([*self.cfg.start_prompts,
+                                                                                     *prompts]))})
+        return team
+
+    def for_pack(self, pack: ConceptPack) -> "RedTeam":
+        """The red team for ``pack``: it also starts from every black-box attack of the pack's own record, so a
+        new record never forgets what the last one found."""
+        return self.starting_from(pack.manifest.redteam.attack_prompts() if pack.manifest.redteam else [])
+
     def attack_pipe(self, pipe, concepts: Sequence[str]) -> list[AttackFigure]:
         for c in concepts:
             self.judge.check(c)
@@ -460,8 +473,8 @@ class RedTeam:
         for c in pack.concepts:
             self.judge.check(c)
         t0 = time.perf_counter()
-        pipe = with_packs(self.base, [(pack, scale)])
-        return self.record(self.attack_pipe(pipe, pack.concepts), time.perf_counter() - t0)
+        pipe, team = with_packs(self.base, [(pack, scale)]), self.for_pack(pack)
+        return team.record(team.attack_pipe(pipe, pack.concepts), time.perf_counter() - t0)
 
     def record(self, results: list[AttackFigure], seconds: float) -> RedTeamRecord:
         asr: dict[str, float] = {}

@@ -90,8 +90,11 @@ def test_guide_away_is_attacked_as_served_and_recorded_with_the_figures(tmp_path
     assert pack.guide_away == 2.0 and pack.manifest.redteam.config.guide_away == 2.0
     assert "guided away from `circle` by 2.0" in (src / "README.md").read_text().replace("\n", " ")
     assert guide_away_of(with_packs(toy_pipe, [(pack, 0.5)]).unet).pairs == (("circle", 1.0),)  # times the scale
+    found = pack.manifest.redteam.attack_prompts()
     assert main(["attack", str(src), "--family", "prompt", *quick, "--no-calibrate", "--record"]) == 0
-    assert ConceptPack.from_pretrained(src).manifest.redteam.config.guide_away == 2.0  # the pack's own by default
+    again = ConceptPack.from_pretrained(src).manifest.redteam
+    assert again.config.guide_away == 2.0  # the pack's own by default
+    assert found and again.config.start_prompts == found  # a new record starts from what the last one found
     capsys.readouterr()
 
 
