@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +86,8 @@ class BatchDenoiser:
     def __init__(self, pipe, mixed: MixedUNet | None = None):
         self.pipe = pipe
         self.mixed = mixed if mixed is not None else MixedUNet(pipe.unet)
+        # per pack-set UNet: its guidance away from its concepts, encoded once rather than per request
+        self._away: weakref.WeakKeyDictionary[nn.Module, GuideAway] = weakref.WeakKeyDictionary()
         self.device = pipe.unet.device
         if pipe.unet.config.get("time_cond_proj_dim") is not None:
             raise ValueError("guidance-embedded UNets (time_cond_proj_dim) are not supported by the batched loop")
@@ -115,7 +118,9 @@ class BatchDenoiser:
         track = Track(request, unet, scheduler, scheduler.timesteps, latents, generators, kwargs, guided)
         guidance = guide_away_of(unet)
         if guidance is not None:
-            track.away = GuideAway(pipe, guidance)
+            if unet not in self._away:
+                self._away[unet] = GuideAway(pipe, guidance)
+            track.away = self._away[unet]
             track.away_rows = track.away.rows(len(request.seeds), (request.height, request.width))
         return track
 

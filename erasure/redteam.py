@@ -55,7 +55,7 @@ from .softprompt import SUPPORTED_FAMILIES, SoftPromptEncoder
 
 # 2: the prompt search also starts from prompts naming the concept's siblings; 3: and from prompts naming nothing
 # (the base's own prior can draw the concept), and the settings search frames sibling and unnamed prompts too;
-# 4: both also start from the judge's known prompts and the config's start_prompts (attacks found before)
+# 4: both also start from attacks found before: the judge's known prompts, the pack's own record's, start_prompts
 ATTACK_VERSION = 4
 # Disjoint seed ranges: the search, the validation of its finalists and the final test never share an image seed.
 SEARCH_SEEDS, VALIDATION_SEEDS, FRESH_SEEDS = 0, 10**6, 2 * 10**6

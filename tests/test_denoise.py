@@ -105,6 +105,15 @@ def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
     assert np.abs(pixels([image])[0] - pixels([plain])[0]).max() > 20
 
 
+def test_a_pack_sets_guidance_is_encoded_once_per_denoiser(toy_pipe, world):
+    from erasure.denoise import BatchDenoiser
+
+    denoiser = BatchDenoiser(toy_pipe)
+    first, second = (denoiser.start(request(world, p, [1], "away")) for p in ("one", "a red circle"))
+    assert first.away is not None and first.away is second.away
+    assert denoiser.start(request(world, "one", [1], "x")).away is None
+
+
 def test_initial_noise_is_the_pipelines_per_seed(toy_pipe, world):
     from erasure.denoise import BatchDenoiser
 
