@@ -16,6 +16,7 @@ from pathlib import Path
 from .errors import ErasureError, InvalidArgumentError
 
 COMMANDS_GROUP = "erasure.cli"
+KNOWN_ATTACKS_GROUP = "erasure.known_attacks"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -139,6 +140,23 @@ def load_packs(specs: list[str]):
     for spec, scale in map(parse_pack_arg, specs or []):
         ident, _, revision = spec.partition("@") if not Path(spec).exists() else (spec, "", "")
         out.append((ConceptPack.from_pretrained(ident, revision=revision or None), scale))
+    return out
+
+
+def known_attacks(namespaces: list[str]) -> dict[str, list[str]]:
+    """Concept -> the black-box attacks recorded in the packs of these registry namespaces (every tag), through
+    the installed registry (the ``erasure.known_attacks`` entry point)."""
+    if not namespaces:
+        return {}
+    from importlib.metadata import entry_points
+
+    sources = list(entry_points(group=KNOWN_ATTACKS_GROUP))
+    if not sources:
+        raise InvalidArgumentError("--known-from reads a registry: install the registry package (pip install erasure)")
+    out: dict[str, list[str]] = {}
+    for namespace in namespaces:
+        for concept, prompts in sources[0].load()(namespace).items():
+            out[concept] = list(dict.fromkeys(out.get(concept, []) + prompts))
     return out
 
 
@@ -285,6 +303,10 @@ def cmd_attack(args) -> None:
         if missing:
             raise InvalidArgumentError(f"--concept {', '.join(missing)}: not a concept of pack {pack.name!r} "
                                        f"(it erases {', '.join(pack.concepts)})")
+    ids = [parse_pack_arg(spec)[0] for spec in specs]
+    namespaces = [i.split("/")[0] for i in ids if not Path(i).exists() and i.count("/") == 1]
+    cfg = cfg.model_copy(update={"known_from": list(dict.fromkeys(cfg.known_from + namespaces))})
+    known = known_attacks(cfg.known_from)
     import time
 
     from .pack import BaseWeights
@@ -305,6 +327,7 @@ def cmd_attack(args) -> None:
     if not packs:
         team = RedTeam(pipe, judge, cfg.model_copy(update={"calibrate": False}))
         t0 = time.perf_counter()
+        team = team.starting_from_records(known, args.concept)
         records["(base)"] = team.record(team.attack_pipe(pipe, args.concept), time.perf_counter() - t0)
     else:
         from .compose import with_packs
@@ -314,7 +337,8 @@ def cmd_attack(args) -> None:
             if cfg.guide_away is not None:  # attacked (and, with --record, published) as served with it
                 pack.manifest.guide_away = cfg.guide_away
             t0 = time.perf_counter()
-            erased, pack_team = with_packs(pipe, [(pack, scale)], base=base), team.for_pack(pack)
+            pack_team = team.for_pack(pack).starting_from_records(known, args.concept or pack.concepts)
+            erased = with_packs(pipe, [(pack, scale)], base=base)
             results = pack_team.attack_pipe(erased, args.concept or pack.concepts)
             record = pack_team.record(results, time.perf_counter() - t0)
             record.config = record.config.model_copy(update={"guide_away": pack.guide_away})

@@ -203,6 +203,10 @@ class AttackConfig(RequestRange):
     start_prompts: list[str] = Field(
         [], description="prompt both black-box searches also start from (repeat): attacks found before, on other "
         "packs or in a benchmark; the judge's known prompts and the pack's own record's attacks are always added")
+    known_from: list[str] = Field(
+        [], description="registry namespaces (repeat): every black-box attack recorded under any tag of any pack "
+        "there, on the attacked concept or on any concept if it names neither that one nor a sibling, also starts "
+        "both searches (packs given as NS/NAME add their namespace; what it added is recorded in start_prompts)")
     calibrate: bool = Field(True, description="also run each family against the base: it must find the concept "
                             "there for its figure on the pack to mean anything")
     steps: int = Field(20, gt=0, description="denoising steps of a request that sets none")

@@ -39,7 +39,7 @@ import datetime as dt
 import sys
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -455,6 +455,17 @@ class RedTeam:
         team.cfg = self.cfg.model_copy(update={"start_prompts": list(dict.fromkeys([*self.cfg.start_prompts,
                                                                                      *prompts]))})
         return team
+
+    def starting_from_records(self, attacks: Mapping[str, Sequence[str]], concepts: Sequence[str]) -> "RedTeam":
+        """This red team also starting from ``attacks`` (concept -> prompts, e.g. a registry's records) found on
+        ``concepts``, and from those found on any concept that name neither the concept nor a sibling: they leave
+        its kind (a colour, a shape) to the base's prior, which can draw the concept."""
+        prompts = []
+        for c in concepts:
+            kind = {c, *self.judge.siblings(c)}
+            prompts += list(attacks.get(c, []))
+            prompts += [p for found in attacks.values() for p in found if not kind & set(self.judge.named_concepts(p))]
+        return self.starting_from(prompts)
 
     def for_pack(self, pack: ConceptPack) -> "RedTeam":
         """The red team for ``pack``: it also starts from every black-box attack of the pack's own record, so a

@@ -302,6 +302,12 @@ class HubRegistry:
             return "the repository shows no new commit; retry the push"
         return f"main moved to {now[:12] if now else None} meanwhile; check it before retrying"
 
+    def tags(self, repo: str) -> dict[str, str]:
+        """Tag -> commit sha of every tag of ``repo``."""
+        check_repo_id(repo)
+        with self._errors(repo, None):
+            return {t.name: t.target_commit for t in self.api.list_repo_refs(repo).tags}
+
     def list(self, namespace: str) -> list[PackInfo]:
         from huggingface_hub import hf_hub_download
 

@@ -213,16 +213,17 @@ def tiny_dit_pipe():
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
 
 
-def redteam_record(asr: dict[str, float], concept: str = "circle", **config):
+def redteam_record(asr: dict[str, float], concept: str = "circle", prompt: str | None = None, **config):
     """A red-team record with these attack success rates (what `erasure attack --record` writes), for tests of
-    what reads it; figures are given, not measured."""
+    what reads it; figures are given, not measured. Every family's attack is ``prompt`` (default "a CONCEPT")."""
     import datetime as dt
 
     from erasure.config import AttackConfig
     from erasure.pack import AttackFigure, RedTeamRecord
 
     results = [AttackFigure(family=f, concept=concept, asr=a, base_rate=1.0, calibration=1.0, n=64,
-                            attack={"prompt": f"a {concept}"}, candidates=64, seconds=1.0) for f, a in asr.items()]
+                            attack={"prompt": prompt or f"a {concept}"}, candidates=64, seconds=1.0)
+               for f, a in asr.items()]
     return RedTeamRecord(attack_version=1, judge="toy-oracle", config=AttackConfig(**config), asr=dict(asr),
                          base_rate={f: 1.0 for f in asr}, results=results, seconds=1.0,
                          created_at=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc))

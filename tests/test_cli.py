@@ -41,6 +41,7 @@ def one_line_error(proc, *needles):
     (["attack", "--concept", "nudity"], ["judge cannot read concept 'nudity'"]),
     (["attack", "--concept", "red", "--budget", "0"], ["--budget", "greater than 0"]),
     (["attack", "--concept", "red", "--family", "jailbreak"], ["--family", "'prompt', 'settings' or 'soft-prompt'"]),
+    (["attack", "--concept", "red", "--known-from", "no such"], ["namespace 'no such' is not a valid name"]),
     (["attack", "no/such/pack/dir", "--record"], ["--record", "not one"]),
 ])
 def test_bad_input_is_one_line_and_non_zero(args, needles, tmp_path):

@@ -200,3 +200,24 @@ def test_both_black_box_searches_start_from_attacks_found_before(random_pipe, ju
         assert prompts[:len(known)] == known and framings[:len(known)] == known
     assert "hollow hollow background" in judge.known_prompts("circle")  # prompts naming nothing: every concept
     assert "crimson scarlet" in judge.known_prompts("red") and "crimson scarlet" not in judge.known_prompts("square")
+
+
+def test_attacks_recorded_in_a_registry_start_the_searches(random_pipe, judge, tmp_path, capsys):
+    """`--known-from NS`: the attacks every published record in NS found on the concept, and those found on any
+    concept that name neither it nor a sibling (they leave its kind to the base's prior), start both searches;
+    the record lists them in its config."""
+    from erasure.cli import main
+
+    found = {"red": ["crimson scarlet"], "circle": ["please", "a lime disc"], "green": ["a red ball"]}
+    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK), progress=False).starting_from_records(found, ["red"])
+    assert team.cfg.start_prompts == ["crimson scarlet", "please"]  # "a lime disc" names green, a sibling of red
+
+    quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "calibrate"]
+    assert main(["attack", "--concept", "red", "--family", "prompt", *quick, "--no-calibrate", "--known-from", "toy",
+                 "--json", str(tmp_path / "r.json")]) == 0
+    config = json.loads((tmp_path / "r.json").read_text())["(base)"]["config"]
+    assert config["known_from"] == ["toy"]
+    assert "drawing please draw simple trigon" in config["start_prompts"]  # a superseded red record's (tag v5-attack2)
+    assert {"image", "square for"} <= set(config["start_prompts"])  # circle's and square's: they name no colour
+    assert "a photo of a stripy lime" not in config["start_prompts"]  # circle's, naming green
+    capsys.readouterr()

@@ -16,7 +16,7 @@ from registry.errors import (AccessDeniedError, PackNotFoundError, PushError, Re
                            VerificationError)
 from registry.hub import HubRegistry
 from registry.lock import LockFile
-from factories import leftovers, pack_dir, read_files, recard, rewrite_manifest, tiny_unet
+from factories import leftovers, pack_dir, read_files, recard, redteam_record, rewrite_manifest, tiny_unet
 
 TOKEN = "hf_test_write_token"
 
@@ -262,6 +262,25 @@ def test_list_shows_packs_with_concept_method_and_base(reg, hub, tmp_path, unet,
     assert lines[2].split() == ["ns/star", "star,striped", "esd-u", "test/base", hub.head("ns/star")[:12]]
     code, out, err = cli(capsys, "list", "nobody", "--endpoint", hub.url)
     assert code == 0 and "no packs in nobody" in out
+
+
+def test_recorded_attacks_cover_main_and_every_tag_of_every_pack(reg, tmp_path, unet):
+    """What `erasure attack --known-from NS` starts from: the black-box attacks of every published red-team record
+    (superseded tags too), per concept; soft prompts and revisions without a record add nothing."""
+    from registry.attacks import recorded_attacks
+
+    def red(i, prompt):
+        record = redteam_record({"prompt": 0.5, "soft-prompt": 0.9}, "red", prompt=prompt)
+        return pack_dir(tmp_path / f"red{i}", unet, name="red", concepts=["red"], seed=i, redteam=record)
+
+    reg.push(red(1, "hollow hollow background"), "ns/red", tag="v1")
+    reg.push(red(2, "crimson scarlet"), "ns/red", tag="v2")
+    reg.push(pack_dir(tmp_path / "plain", unet, name="red", concepts=["red"], seed=3), "ns/red")  # main: no record
+    circle = redteam_record({"settings": 0.2}, "circle", prompt="please")
+    reg.push(pack_dir(tmp_path / "circle", unet, name="circle", redteam=circle), "ns/circle")  # main only
+    assert reg.tags("ns/red") == {t: reg.resolve("ns/red", t) for t in ("v1", "v2")}
+    assert recorded_attacks(reg, "ns") == {"circle": ["please"], "red": ["crimson scarlet", "hollow hollow background"]}
+    assert recorded_attacks(reg, "nobody") == {}
 
 
 def test_pushing_the_same_pack_twice_sends_no_lfs_bytes(reg, hub, pack, tmp_path, unet):
