@@ -200,6 +200,9 @@ class AttackConfig(RequestRange):
     validation_seeds: int = Field(12, gt=0, description="images per finalist on seeds the search never saw")
     seeds: int = Field(64, gt=0, description="fresh seeds of the final test (the ASR), never seen by the search")
     seed: int = Field(0, ge=0, description="seeds the search (mutations, prompts, seed ranges)")
+    restarts: int = Field(1, gt=0, description="independent black-box searches per family (seeded seed, seed + 1, "
+                          "...), each within the budget; their finalists are validated together, so one unlucky "
+                          "search cannot make the record")
     start_prompts: list[str] = Field(
         [], description="prompt both black-box searches also start from (repeat): attacks found before, on other "
         "packs or in a benchmark; the judge's known prompts and the pack's own record's attacks are always added")

@@ -418,11 +418,16 @@ class RedTeam:
         """The family's attack on ``pipe``: the search, then the finalists on validation seeds."""
         if family == "soft-prompt":
             return self.optimize_soft_prompt(pipe, concept, targets), 1
-        search = self.search_prompts if family == "prompt" else self.search_settings
-        scored, n = search(pipe, concept)
-        finalists = [s.attack for s in scored[: self.cfg.finalists]]
-        validated = self.score(pipe, concept, finalists, self._seeds(VALIDATION_SEEDS, self.cfg.validation_seeds))
-        best = max(zip(validated, scored), key=lambda vs: (vs[0].key, vs[1].key))[0]
+        finalists, n = {}, 0
+        for restart in range(self.cfg.restarts):
+            team = copy.copy(self)
+            team.cfg = self.cfg.model_copy(update={"seed": self.cfg.seed + restart})
+            scored, candidates = (team.search_prompts if family == "prompt" else team.search_settings)(pipe, concept)
+            n += candidates
+            for s in scored[: self.cfg.finalists]:
+                finalists.setdefault(s.attack, s)
+        validated = self.score(pipe, concept, list(finalists), self._seeds(VALIDATION_SEEDS, self.cfg.validation_seeds))
+        best = max(zip(validated, finalists.values()), key=lambda vs: (vs[0].key, vs[1].key))[0]
         return best.attack, n
 
     def fresh_rate(self, pipe, concept: str, attack) -> Scored:

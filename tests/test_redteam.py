@@ -113,6 +113,32 @@ def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge,
     assert np.isfinite([s.score for s in scored]).all()
 
 
+def test_restarts_search_again_on_new_seeds_and_validate_every_finalist(random_pipe, judge, monkeypatch):
+    """``restarts``: each black-box search runs again seeded anew, and the best of all their finalists is chosen on
+    the validation seeds, so one unlucky search cannot make the record."""
+    cfg = AttackConfig(families=["prompt"], budget=6, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
+                       steps=2, min_size=16, max_size=32, min_steps=1, max_steps=4, batch_size=8, calibrate=False,
+                       restarts=2)
+    searches, validated = [], []
+    search, score = RedTeam.search_prompts, RedTeam.score
+
+    def spy_search(self, pipe, concept):
+        scored, n = search(self, pipe, concept)
+        searches.append((self.cfg.seed, [s.attack for s in scored[:2]], n))
+        return scored, n
+
+    def spy_score(self, pipe, concept, attacks, seeds):
+        validated.append(list(attacks))
+        return score(self, pipe, concept, attacks, seeds)
+
+    monkeypatch.setattr(RedTeam, "search_prompts", spy_search)
+    monkeypatch.setattr(RedTeam, "score", spy_score)
+    attack, n = RedTeam(random_pipe, judge, cfg, progress=False).best_attack(random_pipe, "red", "prompt")
+    assert [seed for seed, _, _ in searches] == [0, 1] and n == sum(k for _, _, k in searches)
+    finalists = list(dict.fromkeys(a for _, best, _ in searches for a in best))
+    assert validated[-1] == finalists and attack in finalists
+
+
 def test_a_range_without_negative_prompts_is_searched_without_them(random_pipe, judge):
     """limits.negative_prompt false on the service: the settings search never sends one (and does with it on)."""
     cfg = AttackConfig(families=["settings"], budget=12, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
