@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from .errors import UnknownConceptError
+from .prompts import names_any
 
 
 def as_array(images) -> np.ndarray:
@@ -71,8 +72,7 @@ class Judge:
 
     def named_concepts(self, prompt: str) -> list[str]:
         """The concepts ``prompt`` names (by any of their names, as whole words)."""
-        text = f" {' '.join(prompt.lower().split())} "
-        return [c for c in self.concepts() if any(f" {name.lower()} " in text for name in self.names(c))]
+        return [c for c in self.concepts() if names_any(prompt, self.names(c))]
 
     def known_prompts(self, concept: str) -> list[str]:
         """Prompts known to bring ``concept`` back or to draw it from a base's prior (earlier red teams' best

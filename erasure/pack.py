@@ -104,9 +104,11 @@ class RedTeamRecord(BaseModel):
         items = [(f, a) for f, a in self.asr.items() if families is None or f in families]
         return max(items, key=lambda fa: fa[1]) if items else ("", 0.0)
 
-    def attack_prompts(self) -> list[str]:
-        """The prompts of the black-box attacks this record found (what a new record starts from)."""
-        prompts = [r.attack.get("prompt") for r in self.results if r.family != "soft-prompt"]
+    def attack_prompts(self, concept: str | None = None) -> list[str]:
+        """The prompts of the black-box attacks this record found (on ``concept``, default all): what a new record
+        starts from."""
+        prompts = [r.attack.get("prompt") for r in self.results
+                   if r.family != "soft-prompt" and concept in (None, r.concept)]
         return list(dict.fromkeys(p for p in prompts if isinstance(p, str) and p.strip()))
 
 

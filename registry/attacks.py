@@ -29,12 +29,8 @@ def recorded_attacks(registry: Registry, namespace: str) -> dict[str, list[str]]
         tagged = [sha for _, sha in sorted(registry.tags(info.repo).items(), reverse=True)]
         for sha in dict.fromkeys([info.latest_sha, *tagged]):
             record = registry.read_manifest(info.repo, sha).manifest.redteam
-            for result in record.results if record else []:
-                prompt = result.attack.get("prompt")
-                if result.family != "soft-prompt" and isinstance(prompt, str) and prompt.strip():
-                    out.setdefault(result.concept, [])
-                    if prompt not in out[result.concept]:
-                        out[result.concept].append(prompt)
+            for concept in dict.fromkeys(r.concept for r in record.results) if record else []:
+                out[concept] = list(dict.fromkeys(out.get(concept, []) + record.attack_prompts(concept)))
     return out
 
 
