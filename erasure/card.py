@@ -24,8 +24,10 @@ TEMPLATE = """---
 
 # {{ name }}: a concept pack erasing {{ concepts }}
 
-ESD ({{ t.method }}, eta={{ t.eta }}, {{ t.iterations }} iterations, lr={{ t.lr }}, x_t sampled with the
-{{ t.sample_with }} UNet) applied to base `{{ base.id }}`{% if base.revision %} at revision `{{ base.revision }}`{% endif %}.
+{% if t.method == "uce" %}UCE's closed-form edit of cross-attention's keys and values ({{ t.edit_prompts }}
+prompts per concept){% else %}ESD ({{ t.method }}, eta={{ t.eta }}, {{ t.iterations }} iterations, lr={{ t.lr }},
+x_t sampled with the {{ t.sample_with }} UNet){% endif %}
+applied to base `{{ base.id }}`{% if base.revision %} at revision `{{ base.revision }}`{% endif %}.
 Training prompts: {{ templates }} (`{}` is the concept; `toy`: toy-world train prompts naming it).
 {%- if t.preserve %} Preserved concepts (weight {{ t.preserve_weight }}): {{ preserve }}.{% endif %}
 {%- if t.preserve_synonyms %} Their other words: {{ preserve_synonyms }}.{% endif %}

@@ -112,6 +112,13 @@ class Conditioner:
         """What the pipeline's classifier-free guidance uses when no negative prompt is given, ``n`` rows."""
         return self.encode([""], size).repeat(n)
 
+    @torch.no_grad()
+    def hidden_states(self, prompts: Sequence[str]) -> torch.Tensor:
+        """The UNet's ``encoder_hidden_states`` for ``prompts``, as one batch and not cached (the ``uce`` edit reads
+        thousands of prompts once)."""
+        emb, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, do_classifier_free_guidance=False)
+        return emb.to(self.dtype)
+
 
 class SDXLConditioner(Conditioner):
     """SDXL: two text encoders (penultimate hidden states concatenated), the second encoder's pooled projection
@@ -134,6 +141,9 @@ class SDXLConditioner(Conditioner):
         """(original h, w, crop top, left, target h, w) as the pipeline sets them by default, ``n`` rows."""
         h, w = _size(size, self.default_size)
         return torch.tensor([[h, w, 0, 0, h, w]], dtype=self.dtype, device=self.device).repeat(n, 1)
+
+    def hidden_states(self, prompts: Sequence[str]) -> torch.Tensor:
+        return torch.cat([self._encode_one(p).encoder_hidden_states for p in prompts])  # "" as zeros, as sampled
 
     def encode(self, prompts: Sequence[str], size: int | tuple[int, int] | None = None) -> Conditioning:
         rows = Conditioning.cat(self._rows(prompts))

@@ -14,7 +14,7 @@ from typing import Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["esd-x", "esd-x-strict", "esd-u", "esd-all"]
+Method = Literal["esd-x", "esd-x-strict", "esd-u", "esd-all", "uce"]
 METHODS: tuple[str, ...] = get_args(Method)
 DeltaDtype = Literal["float32", "float16", "bfloat16"]
 
@@ -85,6 +85,9 @@ class ESDConfig(BaseModel):
     adversarial_steps: int = Field(10, gt=0, description="robust: Adam steps on the soft prompt per refresh")
     adversarial_lr: float = Field(1e-2, gt=0, description="robust: the soft prompt's Adam learning rate")
     adversarial_weight: float = Field(1.0, ge=0, description="robust: weight of the erasure under the soft prompt")
+    edit_prompts: int = Field(
+        1000, gt=0, description="method uce: erase prompts drawn per concept, and as many vocabulary word lists kept "
+        "(erasure/closed_form.py)")
     checkpoint_every: int = Field(100, gt=0, description="iterations between resumable checkpoints")
     delta_dtype: DeltaDtype = Field("float32", description="dtype of the stored delta (composition is float32)")
 

@@ -10,6 +10,7 @@ esd-x           contains ``attn2`` (cross-attention: to_q, to_k, to_v, to_out.0)
 esd-x-strict    contains ``attn2.to_k`` or ``attn2.to_v`` (depend on the text embedding only)
 esd-u           does not contain ``attn2`` (everything but cross-attention)
 esd-all         anything
+uce             as esd-x-strict, edited in closed form, not trained (erasure/closed_form.py)
 =============== ==========================================================================
 
 Example:
@@ -29,6 +30,7 @@ FILTERS = {
     "esd-x-strict": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
     "esd-u": lambda name: "attn2" not in name,
     "esd-all": lambda name: True,
+    "uce": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
 }
 
 

@@ -1,4 +1,5 @@
-"""`erasure train` end to end: load the base, run ESD (resumable), evaluate, and return the concept pack.
+"""`erasure train` end to end: load the base, run ESD (resumable) or the ``uce`` edit, evaluate, and return the concept
+pack.
 
 Example:
     >>> from erasure.config import ESDConfig
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .closed_form import edit_in_closed_form
 from .compose import with_packs
 from .config import ESDConfig
 from .errors import InvalidArgumentError
@@ -102,7 +104,10 @@ def train_pack(base: str, cfg: ESDConfig, out: Path, name: str | None = None, re
     out.mkdir(parents=True, exist_ok=True)
     if resume:
         trainer.load_checkpoint(checkpoint)
-    trainer.train(checkpoint=checkpoint, callback=callback)
+    if cfg.method == "uce":
+        edit_in_closed_form(trainer)
+    else:
+        trainer.train(checkpoint=checkpoint, callback=callback)
     trainer.unet.eval()
 
     delta_dtype = getattr(torch, cfg.delta_dtype)

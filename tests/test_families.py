@@ -139,6 +139,25 @@ def test_sdxl_trains_with_pooled_embeddings_and_time_ids(sdxl):
     assert set(delta) == set(select_parameters(sdxl.unet, "esd-x")) and any(d.abs().sum() > 0 for d in delta.values())
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd2"])
+def test_uce_reads_the_hidden_states_the_unet_sees_and_edits_keys_and_values(family, request, tmp_path):
+    """The closed-form edit encodes prompts as one uncached batch: the same rows as the trainer's conditioning (SDXL's
+    empty prompt as zeros); it changes exactly the to_k / to_v weights."""
+    from erasure.closed_form import edit_in_closed_form
+
+    pipe = (tiny_sdxl_pipe if family == "sdxl" else tiny_sd2_pipe)(tmp_path)  # its own: the edit writes the weights
+    cond = conditioner_for(pipe)
+    prompts = ["a red circle", "", "a striped blue star"]
+    torch.testing.assert_close(cond.hidden_states(prompts), cond.encode(prompts).encoder_hidden_states)
+    cfg = ESDConfig(concepts=["red"], method="uce", templates=["a photo of a {} circle"], anchor=["green"],
+                    preserve=["blue"], edit_prompts=8)
+    trainer = ESDTrainer(pipe, cfg, progress=False)
+    assert 0 < edit_in_closed_form(trainer) < 1
+    delta = trainer.delta()
+    assert sorted(delta) == sorted(select_parameters(pipe.unet, "esd-x-strict"))
+    assert all(d.abs().max() > 0 for d in delta.values())
+
+
 def test_a_pack_is_refused_on_the_other_family(sdxl, sd2, tmp_path):
     from erasure.pack import BaseWeights, ConceptPack
 

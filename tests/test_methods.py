@@ -51,4 +51,4 @@ def test_esd_u_is_everything_else_and_never_norms(unet):
 def test_unknown_method_is_an_error(unet):
     with pytest.raises(InvalidArgumentError, match="unknown method 'esd-xx'"):
         select_parameters(unet, "esd-xx")
-    assert set(METHODS) == set(FILTERS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all"}
+    assert set(METHODS) == set(FILTERS) == {"esd-x", "esd-x-strict", "esd-u", "esd-all", "uce"}
