@@ -7,8 +7,9 @@ The edit solves, per weight and in one least-squares step,
     W' = argmin  mean_erase ||W' e_c - W e_c0||^2  +  lambda mean_keep ||W' e_p - W e_p||^2  +  mu ||W' - W||^2
 
 over every token position of the erase pairs (c, c0) (ESD's training prompts naming the concept, c0 naming an
-anchor in its place, so both have the same tokens but one) and of the prompts kept (``preserve`` prompts, word lists
-from the tokenizer's vocabulary that do not name the concept, the empty prompt). lambda is ``preserve_weight``.
+anchor in its place, so both have the same tokens but one) and of the prompts kept (each c without the concept's
+words, ``preserve`` prompts, word lists from the tokenizer's vocabulary that do not name the concept, the empty
+prompt). lambda is ``preserve_weight``.
 Prompts naming nothing keep their keys and values, so the base's colour for them is not tipped towards the concept,
 which ESD's steps did on the toy world (docs/robustness.md).
 
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from .errors import InvalidArgumentError
-from .prompts import names_any, vocabulary_words
+from .prompts import names_any, vocabulary_words, without
 
 RIDGE = 1e-3  # mu: keeps the solve well-posed along directions no prompt's embedding spans
 KEPT_WORDS = 15  # the longest vocabulary word list kept (attackers send long lists)
@@ -53,9 +54,10 @@ def edit_prompts(trainer) -> tuple[list[str], list[str], list[str]]:
                                        "anchors and synonyms of one token each")
         erased += [c for c, _ in pairs]
         anchored += [c0 for _, c0 in pairs]
+        words = trainer.concept_words(concept)
+        kept += [without(c, words) for c, _ in pairs]  # the erase set's grammar naming nothing: the base's colour
         if cfg.preserve:
             kept += trainer._preserve_prompts(pairs, concept)
-        words = trainer.concept_words(concept)
         others = [w for w in vocabulary if not names_any(w, words)]
         for _ in range(cfg.edit_prompts):
             n = int(rng.integers(1, KEPT_WORDS + 1))
