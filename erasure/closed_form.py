@@ -34,12 +34,9 @@ RIDGE = 1e-3  # mu: keeps the solve well-posed along directions no prompt's embe
 KEPT_WORDS = 15  # the longest vocabulary word list kept (attackers send long lists)
 
 
-def edit_prompts(trainer) -> tuple[list[str], list[str], list[str]]:
+def draw_edit_prompts(trainer) -> tuple[list[str], list[str], list[str]]:
     """(erased c, their anchored c0 with the same token count, kept prompts), ``edit_prompts`` of each per concept."""
     cfg, rng, tokenizer = trainer.cfg, trainer.rng, trainer.pipe.tokenizer
-    if not cfg.anchor:
-        raise InvalidArgumentError("--method uce maps the concept onto an anchor in the same token position: give "
-                                   "--anchor CONCEPT (e.g. a sibling)")
 
     def length(prompt: str) -> int:
         return len(tokenizer(prompt).input_ids)
@@ -71,7 +68,7 @@ def edit_in_closed_form(trainer) -> float:
     the erase pairs (0: every erased prompt's keys and values are exactly its anchor's)."""
     cfg = trainer.cfg
     t0 = time.perf_counter()
-    erased, anchored, kept = edit_prompts(trainer)
+    erased, anchored, kept = draw_edit_prompts(trainer)
     # Only Gram matrices of the token embeddings are needed (D x D), accumulated a chunk of prompts at a time.
     s_cc, s_c0c, s_c0c0 = (_gram(trainer, a, b) for a, b in ((erased, erased), (anchored, erased),
                                                              (anchored, anchored)))

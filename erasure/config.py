@@ -129,6 +129,19 @@ class ESDConfig(BaseModel):
         return [*self.preserve, *(pair.partition("=")[2].strip() for pair in self.preserve_synonyms)]
 
     @model_validator(mode="after")
+    def _uce_is_an_edit_onto_an_anchor(self) -> "ESDConfig":
+        if self.method != "uce":
+            return self
+        if not self.anchor:
+            raise ValueError("method uce maps the concept onto an anchor in the same token position: give --anchor "
+                             "CONCEPT (e.g. a sibling)")
+        robust = [f for f in ("guided_weight", "unnamed_weight", "adversarial_every") if getattr(self, f)]
+        if robust:
+            raise ValueError(f"method uce is a closed-form edit, not trained: it adds no robust term "
+                             f"({', '.join(robust)}); drop them or choose an esd method")
+        return self
+
+    @model_validator(mode="after")
     def _others_are_others(self) -> "ESDConfig":
         for option in ("preserve", "anchor"):
             same = sorted(set(getattr(self, option)) & set(self.concepts))

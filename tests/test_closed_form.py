@@ -17,14 +17,14 @@ RED = dict(concepts=["red"], method="uce", templates=["toy"], anchor=["green", "
 
 
 def test_the_edit_is_the_least_squares_solution_over_its_prompts(tmp_path):
-    """W' minimises the erase + keep objective the module states (every random step away from it costs more), moves
-    the erased prompts' keys and values towards their anchors' and changes only to_k / to_v."""
-    from erasure.closed_form import RIDGE, edit_prompts
+    """W' minimises the erase + keep objective the module states (below the base's W, and every random step away
+    from it costs more) and changes only to_k / to_v."""
+    from erasure.closed_form import RIDGE, draw_edit_prompts
     from factories import random_toy_pipe
 
     cfg = ESDConfig(**RED, edit_prompts=60)
     drawn = ESDTrainer(random_toy_pipe(tmp_path / "a"), cfg, progress=False)
-    erased, anchored, kept = edit_prompts(drawn)  # what the edit below draws: same seed, same draws
+    erased, anchored, kept = draw_edit_prompts(drawn)  # what the edit below draws: same seed, same draws
     trainer = ESDTrainer(random_toy_pipe(tmp_path / "b"), cfg, progress=False)
     assert trainer.names and all(".attn2.to_k." in n or ".attn2.to_v." in n for n in trainer.names)
     before = {n: p.detach().double().clone() for n, p in trainer.trainable.items()}
@@ -51,13 +51,15 @@ def test_the_edit_is_the_least_squares_solution_over_its_prompts(tmp_path):
     assert set(delta) == set(trainer.names) and all(d.abs().max() > 0 for d in delta.values())
 
 
-def test_the_edit_needs_an_anchor_of_the_same_token_count(random_pipe):
-    with pytest.raises(InvalidArgumentError, match="give --anchor"):
-        edit_in_closed_form(ESDTrainer(random_pipe, ESDConfig(**{**RED, "anchor": []}), progress=False))
+def test_the_edit_needs_an_anchor_of_the_same_token_count_and_trains_no_robust_term(random_pipe):
+    with pytest.raises(ValueError, match="give --anchor"):
+        ESDConfig(**{**RED, "anchor": []})
     three_tokens = ESDConfig(concepts=["red"], method="uce", templates=["a photo of {}"], anchor=["five pointed star"],
                              edit_prompts=20)
     with pytest.raises(InvalidArgumentError, match="keep their token count"):
         edit_in_closed_form(ESDTrainer(random_pipe, three_tokens, progress=False))
+    with pytest.raises(ValueError, match="closed-form edit"):
+        ESDConfig(**RED, unnamed_weight=1.0)
 
 
 def test_uce_erases_red_on_the_toy_base_and_keeps_the_other_colours(tmp_path, toy_pipe, oracle):

@@ -140,7 +140,7 @@ def test_sdxl_trains_with_pooled_embeddings_and_time_ids(sdxl):
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd2"])
-def test_uce_reads_the_hidden_states_the_unet_sees_and_edits_keys_and_values(family, request, tmp_path):
+def test_uce_reads_the_hidden_states_the_unet_sees_and_edits_keys_and_values(family, tmp_path):
     """The closed-form edit encodes prompts as one uncached batch: the same rows as the trainer's conditioning (SDXL's
     empty prompt as zeros); it changes exactly the to_k / to_v weights."""
     from erasure.closed_form import edit_in_closed_form
