@@ -9,9 +9,9 @@ The edit solves, per weight and in one least-squares step,
 over every token position of the erase pairs (c, c0) (ESD's training prompts naming the concept, c0 naming an
 anchor in its place, so both have the same tokens but one) and of the prompts kept (each c without the concept's
 words, ``preserve`` prompts, word lists from the tokenizer's vocabulary that do not name the concept, the empty
-prompt). lambda is ``preserve_weight``.
-Prompts naming nothing keep their keys and values, so the base's colour for them is not tipped towards the concept,
-which ESD's steps did on the toy world (docs/robustness.md).
+prompt). lambda is ``preserve_weight``. Why: the prompts kept are held where the base has them in the objective
+itself, not only where gradient steps happen to leave them; how close that holds them depends on how well the text
+encoder separates the erased prompts from the kept ones (the toy world's figures: docs/robustness.md).
 
 Example:
     >>> cfg = ESDConfig(concepts=["red"], method="uce", anchor=["green", "blue"], templates=["toy"])
@@ -54,7 +54,7 @@ def draw_edit_prompts(trainer) -> tuple[list[str], list[str], list[str]]:
         words = trainer.concept_words(concept)
         kept += [without(c, words) for c, _ in pairs]  # the erase set's grammar naming nothing: the base's colour
         if cfg.preserve:
-            kept += trainer._preserve_prompts(pairs, concept)
+            kept += trainer.preserve_prompts(pairs, concept)
         others = [w for w in vocabulary if not names_any(w, words)]
         for _ in range(cfg.edit_prompts):
             n = int(rng.integers(1, KEPT_WORDS + 1))

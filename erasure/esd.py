@@ -268,7 +268,7 @@ class ESDTrainer:
         return [" ".join(replace_words(c, words, choices[int(self.rng.integers(len(choices)))]).split())
                 for c, _ in pairs]
 
-    def _preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:
+    def preserve_prompts(self, pairs: list[tuple[str, str]], concept: str) -> list[str]:
         """Each prompt with ``concept`` replaced by a word naming a preserved concept (its name or one of its
         ``preserve_synonyms``), drawn at random."""
         return self._swap(pairs, concept, self.cfg.preserved_words())
@@ -318,7 +318,7 @@ class ESDTrainer:
         for concept in self.cfg.concepts:
             pairs = self.prompts(concept, n)
             cond, neutral = self._embed_pairs(pairs)
-            keep = self.encode(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else cond[:0]
+            keep = self.encode(self.preserve_prompts(pairs, concept)) if self.cfg.preserve else cond[:0]
             # the preserved prompts get trajectories of their own (held on the concept's x_t only, the base
             # behaviour does not carry over to images of the preserved concept); one batch samples both
             states, eps_u, eps_c = self.sample(Conditioning.cat([cond, keep]), steps)
@@ -349,7 +349,7 @@ class ESDTrainer:
             stop = int(self.rng.integers(self.cfg.ddim_steps))  # uniform over the DDIM steps, as in the paper
             pairs = self.prompts(concept, 1)
             cond, neutral = self._embed_pairs(pairs)
-            cp = self.encode(self._preserve_prompts(pairs, concept)) if self.cfg.preserve else None
+            cp = self.encode(self.preserve_prompts(pairs, concept)) if self.cfg.preserve else None
             states, _, _ = self.sample(cond if cp is None else Conditioning.cat([cond, cp]), stop)
             x, t = states[stop][:1], self.timesteps[stop].reshape(1)
             keep = None if cp is None else (states[stop][1:], cp, None)

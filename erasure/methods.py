@@ -25,12 +25,16 @@ from __future__ import annotations
 from .config import METHODS
 from .errors import InvalidArgumentError
 
+def _keys_and_values(name: str) -> bool:
+    return "attn2.to_k" in name or "attn2.to_v" in name
+
+
 FILTERS = {
     "esd-x": lambda name: "attn2" in name,
-    "esd-x-strict": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
+    "esd-x-strict": _keys_and_values,
     "esd-u": lambda name: "attn2" not in name,
     "esd-all": lambda name: True,
-    "uce": lambda name: "attn2.to_k" in name or "attn2.to_v" in name,
+    "uce": _keys_and_values,
 }
 
 
