@@ -15,6 +15,8 @@ from pathlib import Path
 
 from .errors import ErasureError, InvalidArgumentError
 
+TOY_ASSETS = Path(__file__).parent / "toy" / "assets"
+
 COMMANDS_GROUP = "erasure.cli"
 KNOWN_ATTACKS_GROUP = "erasure.known_attacks"
 
@@ -110,11 +112,11 @@ def model_from_args(model, args, defaults: dict | None = None):
 
 
 def _default_guidance(args) -> float:
-    from .pipeline import TOY_DEFAULTS, is_toy
+    from .pipeline import TOY_DEFAULTS, is_toy_world
 
     if args.guidance is not None:
         return args.guidance
-    return TOY_DEFAULTS["guidance"] if is_toy(args.base) else 7.5
+    return TOY_DEFAULTS["guidance"] if is_toy_world(args.base) else 7.5
 
 
 def _dtype(args):
@@ -363,10 +365,15 @@ def cmd_toy_build(args) -> None:
     from .toy.build import BuildConfig, build
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
-    cfg = BuildConfig(seed=args.seed)
+    cfg = BuildConfig(seed=args.seed, without=tuple(args.without))
     if args.unet_steps:
         cfg.unet_steps = args.unet_steps
-    path = build(out=Path(args.out), work=Path(args.work), cfg=cfg)
+    reference = Path("build") / ("toy-without-" + "-".join(cfg.without))
+    out = Path(args.out) if args.out else reference if cfg.without else TOY_ASSETS
+    work = Path(args.work) if args.work else reference / "work" if cfg.without else Path("build/toy")
+    if cfg.without and out.resolve() == TOY_ASSETS.resolve():
+        raise InvalidArgumentError("--without builds a reference, not the shipped base: give another --out")
+    path = build(out=out, work=work, cfg=cfg)
     print(f"base pipeline written to {path}")
 
 
@@ -470,10 +477,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = sub.add_parser("toy", help="the toy world (embedded default)").add_subparsers(
         dest="toy_command", required=True, parser_class=_Parser)
+    from .toy.world import ATTRIBUTES  # numpy only
+
     p = toy.add_parser("build", help="train the toy base model and oracle from scratch (resumable)")
-    assets = Path(__file__).parent / "toy" / "assets"
-    p.add_argument("--out", default=str(assets), help=f"where the pipeline and oracle go (default {assets})")
-    p.add_argument("--work", default="build/toy", help="work directory with checkpoints (default build/toy)")
+    p.add_argument("--out", default=None, help=f"where the pipeline and oracle go (default {TOY_ASSETS}; with "
+                   "--without: build/toy-without-CONCEPT)")
+    p.add_argument("--work", default=None, help="work directory with checkpoints (default build/toy; with --without: "
+                   "OUT/work)")
+    p.add_argument("--without", action="append", default=[], choices=sum(ATTRIBUTES.values(), ()), metavar="CONCEPT",
+                   help="the retrained reference: leave every scene showing CONCEPT out of the data (repeat) and "
+                   "train only the UNet and text encoder, on the shipped oracle, VAE and tokenizer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--unet-steps", type=positive_int, default=None, help="override the UNet's training steps")

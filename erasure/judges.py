@@ -169,9 +169,9 @@ TOY_KNOWN_PROMPTS = {
 def judge_for(base: str, pipe=None) -> Judge:
     """The judge for ``base``: the toy oracle for the toy world; other bases have no shipped judge yet."""
     from .errors import InvalidArgumentError
-    from .pipeline import is_toy
+    from .pipeline import is_toy_world
 
-    if is_toy(base):
+    if is_toy_world(base):
         return ToyOracleJudge()
     raise InvalidArgumentError(f"no judge for base {base!r}: the red team ships the toy oracle only (a judge for "
                                "real images plugs in as an erasure.judges.Judge)")

@@ -46,6 +46,12 @@ def is_toy(base: str | os.PathLike | None) -> bool:
     return base is None or str(base) == "toy" or Path(resolve_base(base)) == TOY_BASE
 
 
+def is_toy_world(base: str | os.PathLike | None) -> bool:
+    """The shipped toy base, or another base `erasure toy build` wrote (a retrained reference): same world, same
+    oracle, same defaults."""
+    return is_toy(base) or (Path(resolve_base(base)) / "build_info.json").is_file()
+
+
 @dataclasses.dataclass
 class LoadedBase:
     """A loaded base pipeline and what a pack records about it (``BaseRef``): the id as given, the commit a Hub

@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from erasure.cli import TOY_ASSETS
+
 
 def run(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "erasure.cli", *args], capture_output=True, text=True,
@@ -40,6 +42,8 @@ def one_line_error(proc, *needles):
     (["train", "--concept", "red", "--method", "uce", "--anchor", "green", "--unnamed-weight", "1", "--out", "p"],
      ["closed-form edit", "unnamed_weight"]),
     (["eval", "--samples", "0"], ["positive integer"]),
+    (["toy", "build", "--without", "magenta"], ["--without", "invalid choice: 'magenta'", "'red'"]),
+    (["toy", "build", "--without", "red", "--out", str(TOY_ASSETS)], ["--without", "not the shipped base"]),
     (["attack"], ["name a pack to attack"]),
     (["attack", "--concept", "nudity"], ["judge cannot read concept 'nudity'"]),
     (["attack", "--concept", "red", "--budget", "0"], ["--budget", "greater than 0"]),

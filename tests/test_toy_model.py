@@ -49,3 +49,35 @@ def test_synonyms_mean_the_same_thing(toy_pipe, oracle, prompt):
         assert list(read["shape"]).count("circle") >= 3
     else:
         assert list(read["color"]).count("red") >= 3 and list(read["shape"]).count("cross") >= 3
+
+
+def test_retrained_reference_leaves_the_concept_out_of_the_data_and_nothing_else(tmp_path, oracle):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from erasure.judges import ToyOracleJudge, judge_for
+    from erasure.toy.build import BuildConfig, build, training_scenes
+    from erasure.toy.oracle import ASSETS
+
+    cfg = BuildConfig(without=("red", "circle"), dataset_size=64, unet_steps=2, unet_batch=4)
+    scenes = training_scenes(cfg)
+    assert len(scenes) == 4 * 4 * 4 and not any(s.color == "red" or s.shape == "circle" for s in scenes)
+    base = build(out=tmp_path / "out", work=tmp_path / "work", cfg=cfg)
+
+    reference = StableDiffusionPipeline.from_pretrained(base)
+    with torch.no_grad():  # the images it was trained on, decoded: not one red or circle among them
+        images = reference.vae.decode(torch.load(tmp_path / "work" / "latents.pt")["mean"].float()).sample
+    read = oracle.classify(((images.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy())
+    assert len(read["color"]) == 64 and "red" not in read["color"] and "circle" not in read["shape"], read
+    assert len(set(read["color"])) == 4  # and every other colour
+    shipped = StableDiffusionPipeline.from_pretrained(ASSETS / "base")
+    for name, value in shipped.vae.state_dict().items():  # the shipped autoencoder and tokenizer: only the data differs
+        assert torch.equal(value, reference.vae.state_dict()[name]), name
+    assert reference.tokenizer.get_vocab() == shipped.tokenizer.get_vocab()
+    assert (tmp_path / "out" / "oracle" / "model.safetensors").read_bytes() == (
+        ASSETS / "oracle" / "model.safetensors").read_bytes()
+    assert isinstance(judge_for(str(base)), ToyOracleJudge)  # judged and red-teamed like the shipped base
+    with pytest.raises(ValueError, match="not the shipped base"):
+        build(out=ASSETS, work=tmp_path / "work2", cfg=cfg)
+    with pytest.raises(ValueError, match="not a toy concept"):
+        BuildConfig(without=("magenta",))

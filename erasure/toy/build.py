@@ -10,6 +10,10 @@ stopped (long stages also checkpoint every few hundred steps):
 5. assemble - a StableDiffusionPipeline directory (EMA weights) written to ``out``
 
 Everything is seeded; on the same machine and thread count the result is reproducible.
+
+``BuildConfig.without`` builds the **retrained reference** instead: the UNet and text encoder trained on every scene
+but those showing the given concepts, on the shipped oracle, VAE and tokenizer, so it differs from the shipped base by
+its data only. It is what exact unlearning would give, the yardstick for a pack erasing the same concepts.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from ..files import atomic_path
 from . import models
 from .oracle import ASSETS, Oracle, train_oracle
 from .tokenizer import build_tokenizer_files, load_tokenizer
-from .world import all_scenes, prompt_for, render
+from .world import Scene, all_scenes, concept_attribute, prompt_for, render
 
 BUILD_DIR = Path("build/toy")
 
@@ -49,6 +53,17 @@ class BuildConfig:
     cond_dropout: float = 0.1
     ema_decay: float = 0.999
     checkpoint_every: int = 250
+    without: tuple[str, ...] = ()   # concepts left out of the data (the retrained reference); see the module doc
+
+    def __post_init__(self):
+        self.without = tuple(self.without)
+        for concept in self.without:
+            concept_attribute(concept)  # a ValueError naming the toy concepts if it is not one
+
+
+def training_scenes(cfg: BuildConfig) -> list[Scene]:
+    """Every toy scene the build trains on: all of them but those showing a concept of ``cfg.without``."""
+    return [s for s in all_scenes() if not any(getattr(s, concept_attribute(c)) == c for c in cfg.without)]
 
 
 def _save_ckpt(path: Path, state: dict) -> None:
@@ -120,7 +135,7 @@ def stage_latents(cfg: BuildConfig, work: Path) -> None:
 
     vae = AutoencoderKL.from_pretrained(work / "vae").eval()
     rng = np.random.default_rng(cfg.seed + 2)
-    scenes = all_scenes()
+    scenes = training_scenes(cfg)
     labels = rng.integers(len(scenes), size=cfg.dataset_size)
     means, stds = [], []
     for i in tqdm(range(0, cfg.dataset_size, 256), desc="encode"):
@@ -149,7 +164,7 @@ def stage_unet(cfg: BuildConfig, work: Path) -> None:
     tokenizer = load_tokenizer(work / "tokenizer")
     data = torch.load(work / "latents.pt")
     scaling = data["scaling_factor"]
-    scenes = all_scenes()
+    scenes = training_scenes(cfg)
     torch.manual_seed(cfg.seed + 3)
     unet, text = models.make_unet(), models.make_text_encoder(tokenizer)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text).requires_grad_(False)
@@ -230,20 +245,27 @@ def stage_assemble(cfg: BuildConfig, work: Path, out: Path, started: float) -> N
 
 def build(out: Path = ASSETS, work: Path = BUILD_DIR, cfg: BuildConfig | None = None) -> Path:
     cfg = cfg or BuildConfig()
+    if cfg.without and Path(out).resolve() == ASSETS.resolve():
+        raise ValueError("a build without some concepts is a reference, not the shipped base: give another out")
     work.mkdir(parents=True, exist_ok=True)
-    saved = work / "build_config.json"
-    if saved.exists() and json.loads(saved.read_text()) != dataclasses.asdict(cfg):
+    saved, config = work / "build_config.json", json.dumps(dataclasses.asdict(cfg), indent=2)
+    if saved.exists() and json.loads(saved.read_text()) != json.loads(config):
         raise SystemExit(f"{work} holds a build with another configuration; remove it or pass another --work")
-    saved.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    saved.write_text(config)
     started = time.time()
     torch.manual_seed(cfg.seed)
-    build_tokenizer_files(work / "tokenizer")
-    stage_oracle(cfg, work)
-    stage_vae(cfg, work)
+    if cfg.without:  # the retrained reference: the shipped oracle, VAE and tokenizer, so only the data differs
+        for part in ("oracle", "base/vae", "base/tokenizer"):
+            if not (work / Path(part).name).exists():
+                shutil.copytree(ASSETS / part, work / Path(part).name)
+    else:
+        build_tokenizer_files(work / "tokenizer")
+        stage_oracle(cfg, work)
+        stage_vae(cfg, work)
     stage_latents(cfg, work)
     stage_unet(cfg, work)
     stage_assemble(cfg, work, Path(out), started)
     return Path(out) / "base"
 
 
-__all__ = ["BuildConfig", "build", "Oracle"]
+__all__ = ["BuildConfig", "build", "training_scenes", "Oracle"]
