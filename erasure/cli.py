@@ -370,7 +370,7 @@ def cmd_toy_build(args) -> None:
         cfg.unet_steps = args.unet_steps
     reference = Path("build") / ("toy-without-" + "-".join(cfg.without))
     out = Path(args.out) if args.out else reference if cfg.without else TOY_ASSETS
-    work = Path(args.work) if args.work else reference / "work" if cfg.without else Path("build/toy")
+    work = Path(args.work) if args.work else out / "work" if cfg.without else Path("build/toy")
     if cfg.without and out.resolve() == TOY_ASSETS.resolve():
         raise InvalidArgumentError("--without builds a reference, not the shipped base: give another --out")
     path = build(out=out, work=work, cfg=cfg)
