@@ -368,11 +368,11 @@ def cmd_toy_build(args) -> None:
     cfg = BuildConfig(seed=args.seed, without=tuple(args.without))
     if args.unet_steps:
         cfg.unet_steps = args.unet_steps
-    reference = Path("build") / ("toy-without-" + "-".join(cfg.without))
-    out = Path(args.out) if args.out else reference if cfg.without else TOY_ASSETS
-    work = Path(args.work) if args.work else out / "work" if cfg.without else Path("build/toy")
-    if cfg.without and out.resolve() == TOY_ASSETS.resolve():
-        raise InvalidArgumentError("--without builds a reference, not the shipped base: give another --out")
+    if cfg.without:  # a reference never lands on the shipped assets by default (build refuses it there)
+        out = Path(args.out or "build/toy-without-" + "-".join(cfg.without))
+        work = Path(args.work) if args.work else out / "work"
+    else:
+        out, work = Path(args.out or TOY_ASSETS), Path(args.work or "build/toy")
     path = build(out=out, work=work, cfg=cfg)
     print(f"base pipeline written to {path}")
 

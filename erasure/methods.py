@@ -25,6 +25,7 @@ from __future__ import annotations
 from .config import METHODS
 from .errors import InvalidArgumentError
 
+
 def _keys_and_values(name: str) -> bool:
     return "attn2.to_k" in name or "attn2.to_v" in name
 

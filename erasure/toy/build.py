@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..errors import InvalidArgumentError
 from ..files import atomic_path
 from . import models
 from .oracle import ASSETS, Oracle, train_oracle
@@ -246,7 +247,7 @@ def stage_assemble(cfg: BuildConfig, work: Path, out: Path, started: float) -> N
 def build(out: Path = ASSETS, work: Path = BUILD_DIR, cfg: BuildConfig | None = None) -> Path:
     cfg = cfg or BuildConfig()
     if cfg.without and Path(out).resolve() == ASSETS.resolve():
-        raise ValueError("a build without some concepts is a reference, not the shipped base: give another out")
+        raise InvalidArgumentError("--without builds a reference, not the shipped base: give another --out")
     work.mkdir(parents=True, exist_ok=True)
     saved, config = work / "build_config.json", json.dumps(dataclasses.asdict(cfg), indent=2)
     if saved.exists() and json.loads(saved.read_text()) != json.loads(config):
