@@ -20,8 +20,8 @@ from rich.console import Console
 from rich.table import Table
 from tqdm.auto import tqdm
 
-from erasure.judges import ToyOracleJudge
-from erasure.pipeline import load_pipeline
+from erasure.base.loading import load_pipeline
+from erasure.toy.judge import ToyOracleJudge
 
 
 def sibling_prompts(judge, concept: str, n: int, rng: np.random.Generator) -> list[str]:

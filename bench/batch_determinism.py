@@ -35,9 +35,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.torch_threads)
-    from erasure.compose import compose_unet
-    from erasure.pack import BaseWeights
-    from erasure.pipeline import load_pipeline
+    from erasure.base.loading import load_pipeline
+    from erasure.pack.compose import compose_denoiser
+    from erasure.pack.concept_pack import BaseWeights
     from erasure.toy.oracle import Oracle
     from erasure.toy.world import COLORS, SHAPES, STYLES
     from registry.lock import LockFile
@@ -48,7 +48,7 @@ def main() -> None:
     lock = LockFile.load(REPO / "service" / "packs.lock")
     packs = {n: p.pack for n, p in lock.fetch(list(lock.entries), base=base).items()}
     sets = [(), ("circle",), ("square",), ("red", "striped"), ("circle", "square")]
-    unets = {s: compose_unet(base, [(packs[n], 1.0) for n in s]) for s in sets}
+    unets = {s: compose_denoiser(base, [(packs[n], 1.0) for n in s]) for s in sets}
     rng = random.Random(args.seed)
     specs = []
     for i in range(args.requests):
@@ -60,7 +60,7 @@ def main() -> None:
 
     def job(spec):
         s = {k: v for k, v in spec.items() if k != "pack_set"}
-        return Job(**s, unet=unets[spec["pack_set"]])
+        return Job(**s, denoiser=unets[spec["pack_set"]])
 
     def arrays(images):
         return [np.asarray(im.convert("RGB")) for im in images]

@@ -68,7 +68,7 @@ def main() -> None:
     import yaml
 
     torch.set_num_threads(args.torch_threads)
-    from erasure.pipeline import load_pipeline
+    from erasure.base.loading import load_pipeline
 
     tmp = Path(tempfile.mkdtemp(prefix="batching-bench-"))
     common = {"lock": str(REPO / "service" / "packs.lock"), "device": "cpu", "torch_threads": args.torch_threads,

@@ -20,22 +20,24 @@ import time
 import numpy as np
 import torch
 
-from erasure.config import ESDConfig
-from erasure.evaluate import plan
-from erasure.pipeline import TOY_DEFAULTS, generate, load_pipeline
+from erasure.base.loading import load_pipeline
+from erasure.sampling.generate import generate
+from erasure.toy import SAMPLING
+from erasure.toy.evaluate import plan
 from erasure.toy.oracle import Oracle
 from erasure.toy.world import concept_attribute
+from erasure.training.config import ESDConfig
 
 
 def concept_accuracy(pipe, oracle, samples, attr, concept):
-    images = generate(pipe, [s.prompt for s in samples], [s.seed for s in samples], steps=TOY_DEFAULTS["steps"],
-                      guidance=TOY_DEFAULTS["guidance"])
+    images = generate(pipe, [s.prompt for s in samples], [s.seed for s in samples], steps=SAMPLING["steps"],
+                      guidance=SAMPLING["guidance"])
     read = oracle.classify(np.stack([np.asarray(im) for im in images]))[attr]
     return float(np.mean([r == concept for r in read]))
 
 
 def run(cfg: ESDConfig, args, oracle, samples, attr):
-    from erasure.esd import ESDTrainer
+    from erasure.training.trainer import ESDTrainer
 
     pipe = load_pipeline("toy")
     loop = cfg.loop
@@ -43,9 +45,9 @@ def run(cfg: ESDConfig, args, oracle, samples, attr):
     history = []
     while trainer.iteration < args.max_iterations:
         trainer.train(until=trainer.iteration + args.check_every)
-        trainer.unet.eval()
+        trainer.denoiser.eval()
         acc = concept_accuracy(pipe, oracle, samples, attr, cfg.concepts[0])
-        trainer.unet.train()
+        trainer.denoiser.train()
         history.append({"iteration": trainer.iteration, "train_seconds": round(trainer.train_seconds, 2),
                         "accuracy": acc})
         print(json.dumps({"loop": loop, **history[-1]}), flush=True)
@@ -54,7 +56,7 @@ def run(cfg: ESDConfig, args, oracle, samples, attr):
     reached = history[-1]["accuracy"] <= args.target
     return {"reached_target": reached, "iterations": trainer.iteration, "train_seconds": trainer.train_seconds,
             "seconds_per_iteration": trainer.train_seconds / trainer.iteration,
-            "unet_sample_passes": trainer.unet_passes, "history": history}
+            "unet_sample_passes": trainer.denoiser_passes, "history": history}
 
 
 def main():

@@ -98,8 +98,13 @@ def unet_from_config(arch: str):
 
 def build_pipeline(arch: str, work: Path, dtype: torch.dtype):
     """The pipeline with random weights, each component cast to ``dtype`` as soon as it is built."""
-    from diffusers import (AutoencoderKL, DDIMScheduler, EulerDiscreteScheduler, StableDiffusionPipeline,
-                           StableDiffusionXLPipeline)
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        EulerDiscreteScheduler,
+        StableDiffusionPipeline,
+        StableDiffusionXLPipeline,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(0)
@@ -150,7 +155,7 @@ def part_sizes(args) -> dict:
     shapes, no memory: runs anywhere in seconds)."""
     from diffusers import UNet2DConditionModel
 
-    from erasure.methods import select_parameters
+    from erasure.training.methods import select_parameters
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ARCHS[args.arch]["unet"])
@@ -171,11 +176,12 @@ def part_sizes(args) -> dict:
 
 
 def part_base(args) -> dict:
-    from erasure.compose import compose_unet
-    from erasure.config import ESDConfig
-    from erasure.methods import select_parameters
-    from erasure.pack import BaseRef, BaseWeights, ConceptPack
-    from erasure.pipeline import load_base
+    from erasure.base.loading import load_base
+    from erasure.pack.compose import compose_denoiser
+    from erasure.pack.concept_pack import BaseWeights, ConceptPack
+    from erasure.pack.manifest import BaseRef
+    from erasure.training.config import ESDConfig
+    from erasure.training.methods import select_parameters
 
     dtype = getattr(torch, args.dtype)
     t0 = time.perf_counter()
@@ -213,7 +219,7 @@ def part_base(args) -> dict:
             row["written_float16_delta_mb"] = round((path / "delta.safetensors").stat().st_size / MB, 1)
         rss = peak_rss_gib()
         t0 = time.perf_counter()
-        composed = compose_unet(base, [(pack, 1.0)])
+        composed = compose_denoiser(base, [(pack, 1.0)])
         row["compose_s"] = round(time.perf_counter() - t0, 2)
         shared = {p.data_ptr() for p in state.values()}
         row["pack_set_extra_mb_measured"] = round(sum(p.numel() * p.element_size() for p in composed.parameters()
@@ -235,7 +241,7 @@ def training_estimate_gib(arch: str, method: str, dtype: torch.dtype) -> float:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from erasure.methods import select_parameters
+    from erasure.training.methods import select_parameters
 
     with torch.device("meta"):
         unet = UNet2DConditionModel(**ARCHS[arch]["unet"])
@@ -247,8 +253,8 @@ def training_estimate_gib(arch: str, method: str, dtype: torch.dtype) -> float:
 
 
 def part_train(args, method: str) -> dict:
-    from erasure.config import ESDConfig
-    from erasure.esd import ESDTrainer
+    from erasure.training.config import ESDConfig
+    from erasure.training.trainer import ESDTrainer
 
     dtype = getattr(torch, args.dtype)
     estimate, available = training_estimate_gib(args.arch, method, dtype), available_gib()

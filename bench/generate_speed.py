@@ -12,13 +12,15 @@ import time
 
 import torch
 
-from erasure.pipeline import TOY_DEFAULTS, generate, load_pipeline
+from erasure.base.loading import load_pipeline
+from erasure.sampling.generate import generate
+from erasure.toy import SAMPLING
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=10)
-    ap.add_argument("--steps", type=int, default=TOY_DEFAULTS["steps"])
+    ap.add_argument("--steps", type=int, default=SAMPLING["steps"])
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
     if args.threads:
@@ -28,7 +30,7 @@ def main():
     times = []
     for i in range(args.runs):
         start = time.perf_counter()
-        generate(pipe, ["a striped blue star"], [i], steps=args.steps, guidance=TOY_DEFAULTS["guidance"])
+        generate(pipe, ["a striped blue star"], [i], steps=args.steps, guidance=SAMPLING["guidance"])
         times.append(time.perf_counter() - start)
     print(json.dumps({
         "benchmark": "toy_generate_one_image",

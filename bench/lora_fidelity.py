@@ -21,11 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from erasure.cli import load_packs
-from erasure.compose import with_packs
-from erasure.evaluate import comparison, evaluate
-from erasure.export import parse_rank, save_lora
-from erasure.pipeline import TOY_DEFAULTS, load_pipeline
+from erasure.base.loading import load_pipeline
+from erasure.pack.compose import with_packs
+from erasure.pack.concept_pack import load_packs
+from erasure.pack.export import parse_rank, save_lora
+from erasure.toy import SAMPLING
+from erasure.toy.evaluate import comparison, evaluate
 from erasure.toy.oracle import Oracle
 
 SHIPPED = ["toy/circle@v3", "toy/red@v3", "toy/striped@v3", "toy/square@v3"]
@@ -89,8 +90,8 @@ def main():
     ap.add_argument("--no-bias-variant", action="store_true", help="also evaluate the full-rank LoRA without biases")
     ap.add_argument("--samples", type=int, default=100, help="prompts per template split (default 100)")
     ap.add_argument("--splits", nargs="+", default=["train", "heldout"])
-    ap.add_argument("--steps", type=int, default=TOY_DEFAULTS["steps"])
-    ap.add_argument("--guidance", type=float, default=TOY_DEFAULTS["guidance"])
+    ap.add_argument("--steps", type=int, default=SAMPLING["steps"])
+    ap.add_argument("--guidance", type=float, default=SAMPLING["guidance"])
     ap.add_argument("--batch-size", type=int, default=50)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=None)

@@ -10,7 +10,7 @@ How a touched layer can serve rows of K pack sets in one batch (the issue's two 
 - dense delta: the base over the whole batch plus each set's full Δ on its rows; exact, two products per set.
 Layer timings use the toy UNet's and SD 1.5's layer shapes at 32 rows (16 guided images) split over 1 or 4 sets.
 Accuracy of low-rank: the share of each shipped pack's delta energy (Frobenius²) that rank r keeps. Whole-UNet:
-one toy UNet step at 32 rows, one set vs 4 esd-x sets vs 4 sets one of which is esd-u (MixedUNet).
+one toy UNet step at 32 rows, one set vs 4 esd-x sets vs 4 sets one of which is esd-u (MixedDenoiser).
 """
 
 from __future__ import annotations
@@ -117,18 +117,18 @@ def main() -> None:
                 kept[r][1] += float(s.sum())
         energy[f"{name} ({pulled.pack.manifest.method})"] = {f"r{r}": round(a / b, 4) for r, (a, b) in kept.items()}
 
-    # a whole toy UNet step through MixedUNet
-    from erasure.compose import compose_unet
-    from erasure.mixed import MixedUNet
-    from erasure.pack import BaseWeights
-    from erasure.pipeline import load_pipeline
+    # a whole toy UNet step through MixedDenoiser
+    from erasure.base.loading import load_pipeline
+    from erasure.pack.compose import compose_denoiser
+    from erasure.pack.concept_pack import BaseWeights
+    from erasure.sampling.mixed import MixedDenoiser
 
     pipe = load_pipeline("toy")
     base = BaseWeights(pipe.unet)
     packs = {n: p.pack for n, p in lock.fetch(list(lock.entries), base=base).items()}
-    unet = {s: compose_unet(base, [(packs[n], 1.0) for n in s]) for s in
+    unet = {s: compose_denoiser(base, [(packs[n], 1.0) for n in s]) for s in
             [("circle",), ("red",), ("circle", "red", "striped"), ("circle", "red", "square")]}
-    mixed = MixedUNet(pipe.unet)
+    mixed = MixedDenoiser(pipe.unet)
     x = torch.randn(R, 4, 16, 16, generator=g)
     h = torch.randn(R, 20, 64, generator=g)
     t = torch.full((R,), 500)

@@ -30,12 +30,13 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from erasure.cli import load_packs  # noqa: E402
-from erasure.compose import with_packs  # noqa: E402
-from erasure.conditioning import Conditioning, conditioner_for  # noqa: E402
-from erasure.guidance import GuideAway, PackSetGuidance  # noqa: E402
-from erasure.judges import ToyOracleJudge  # noqa: E402
-from erasure.pipeline import load_pipeline  # noqa: E402
+from erasure.base.conditioning import Conditioning
+from erasure.base.families import conditioner_for  # noqa: E402
+from erasure.base.loading import load_pipeline  # noqa: E402
+from erasure.pack.compose import with_packs  # noqa: E402
+from erasure.pack.concept_pack import load_packs  # noqa: E402
+from erasure.sampling.guidance import GuideAway, PackSetGuidance  # noqa: E402
+from erasure.toy.judge import ToyOracleJudge  # noqa: E402
 
 # Prompts naming no concept of the toy world: the red team's best attacks on the v5 packs ("one", "of", "small",
 # "drawing drawing line", "of photo") and a few more of the same kind.
@@ -43,14 +44,14 @@ UNNAMED = ["", "one", "of", "small", "please", "drawing drawing line", "image fo
 
 
 @torch.no_grad()
-def sample(pipe, base_unet, prompts: list[str], concept: str, shift: float, guidance: float, steps: int, seed: int,
+def sample(pipe, base_denoiser, prompts: list[str], concept: str, shift: float, guidance: float, steps: int, seed: int,
            size: int = 64, reference: str = "empty") -> list:
     """Images of ``prompts`` (image i seeded ``seed + i``) guided away from ``concept`` by ``shift``, with the
     service's computation of the shift (erasure/guidance.py) whether or not ``pipe`` has packs; ``reference="prompt"``:
     relative to each prompt instead of the empty one (see the module docstring)."""
     cond, n = conditioner_for(pipe), len(prompts)
     rows = Conditioning.cat([cond.unconditional(n), cond.encode(prompts)])
-    away = GuideAway(pipe, PackSetGuidance(((concept, shift),), base_unet))
+    away = GuideAway(pipe, PackSetGuidance(((concept, shift),), base_denoiser))
     relative = Conditioning.cat([cond.encode([f"{p} {concept}".strip() for p in prompts]), cond.encode(prompts)])
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
@@ -59,11 +60,11 @@ def sample(pipe, base_unet, prompts: list[str], concept: str, shift: float, guid
     x = x * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x_in = scheduler.scale_model_input(torch.cat([x] * 2), t)
-        e_u, e_p = pipe.unet(x_in, t, **rows.unet_kwargs()).sample.chunk(2)
+        e_u, e_p = pipe.unet(x_in, t, **rows.denoiser_kwargs()).sample.chunk(2)
         e = e_u + guidance * (e_p - e_u)
         if shift and reference == "prompt":
             x_t = scheduler.scale_model_input(x, t)
-            e_c, e_b = base_unet(torch.cat([x_t] * 2), t, **relative.unet_kwargs()).sample.chunk(2)
+            e_c, e_b = base_denoiser(torch.cat([x_t] * 2), t, **relative.denoiser_kwargs()).sample.chunk(2)
             e = e - shift * (e_c - e_b)
         elif shift:
             e = e - away.shift(scheduler.scale_model_input(x, t), t, (size, size))

@@ -71,7 +71,7 @@ def images_of(response: httpx.Response) -> list[Image.Image]:
 
 
 def attack_pack(name: str, lock: Path, seeds: int, work: Path, limits: dict, check: bool = True) -> dict:
-    from erasure.judges import ToyOracleJudge
+    from erasure.toy.judge import ToyOracleJudge
     from registry.lock import LockFile
 
     names = sorted(LockFile.load(lock).entries)

@@ -17,12 +17,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from erasure.compose import with_packs  # noqa: E402
-from erasure.config import AttackConfig  # noqa: E402
-from erasure.judges import ToyOracleJudge  # noqa: E402
-from erasure.pack import ConceptPack  # noqa: E402
-from erasure.pipeline import load_pipeline  # noqa: E402
-from erasure.redteam import Request, RedTeam  # noqa: E402
+from erasure.base.loading import load_pipeline  # noqa: E402
+from erasure.pack.compose import with_packs  # noqa: E402
+from erasure.pack.concept_pack import ConceptPack  # noqa: E402
+from erasure.redteam.attacks import Request
+from erasure.redteam.config import AttackConfig  # noqa: E402
+from erasure.redteam.team import RedTeam  # noqa: E402
+from erasure.toy.judge import ToyOracleJudge  # noqa: E402
 
 
 def R(prompt, negative=None, guidance=3.0, size=64, steps=20) -> Request:  # noqa: N802

@@ -62,7 +62,8 @@ def main() -> None:
         if lock and lock.is_file():
             config_path, packs_from = str(default.source_path), str(lock)
         else:
-            from erasure.pipeline import load_pipeline
+            from erasure.base.loading import load_pipeline
+
             from service_helpers import make_world, write_config
 
             tmp = Path(tempfile.mkdtemp(prefix="service-bench-"))
@@ -158,7 +159,7 @@ def main() -> None:
                             "cached_request_ms": [round(1000 * x, 1) for x in again],
                             "extra_ms_p50": round(1000 * statistics.median(f - a for f, a in zip(first, again)), 1),
                             "compose_ms": [round(1000 * x, 1) for x in compose]},
-            "memory": {"base_unet_bytes": sum(p.numel() * p.element_size() for p in rt.pipe.unet.parameters()),
+            "memory": {"base_denoiser_bytes": sum(p.numel() * p.element_size() for p in rt.pipe.unet.parameters()),
                        "pack_sets": [{"packs": s["packs"], "extra_bytes": s["extra_bytes"]} for s in stats]},
         }
     print(json.dumps(out, indent=2))

@@ -45,7 +45,7 @@ def main() -> None:
                     "cpus_per_pack": args.cpus_per_pack, "loadavg_start": os.getloadavg()}
 
     if not args.skip_sequential:
-        from erasure.train import train_pack
+        from erasure.training.train import train_pack
 
         reg = open_registry(registry_dir=work / "registry-sequential")
         per_pack, start = {}, time.perf_counter()

@@ -1,7 +1,10 @@
-"""The ``erasure`` command line. Heavy imports happen inside each command, so ``erasure --help`` imports no torch.
+"""The ``erasure`` command line: it parses, checks what can be checked before any work, and dispatches to the flow of
+each stage (``training/train.py``, ``redteam/attack.py``, ``pack/export.py``, ``toy/evaluate.py``, ``toy/build.py``).
 
-`erasure train` takes its flags from ESDConfig's fields (erasure/config.py); other packages add commands through
-the ``erasure.cli`` entry-point group (registry/ adds push, pull, list and lock), so no import goes upward.
+Heavy imports happen inside each command, so ``erasure --help`` imports no torch. `erasure train` and `erasure attack`
+take their flags from ESDConfig and AttackConfig and from every registered method's and attack family's own options;
+other packages add commands through the ``erasure.cli`` entry-point group (registry/ adds push, pull, list and lock),
+so no import goes upward.
 """
 
 from __future__ import annotations
@@ -16,9 +19,7 @@ from pathlib import Path
 from .errors import ErasureError, InvalidArgumentError
 
 TOY_ASSETS = Path(__file__).parent / "toy" / "assets"
-
 COMMANDS_GROUP = "erasure.cli"
-KNOWN_ATTACKS_GROUP = "erasure.known_attacks"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -49,7 +50,7 @@ def writable_file(path: str) -> Path:
     return p
 
 
-# --- flags from a pydantic model ---------------------------------------------------------------------------------
+# --- flags from pydantic models ----------------------------------------------------------------------------------
 
 
 def singular(name: str) -> str:
@@ -62,28 +63,43 @@ def flag_name(field: str, annotation) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_model_options(parser: argparse.ArgumentParser, model, defaults: dict | None = None) -> None:
+def _own_options(model) -> bool:
+    """A field holding the options of a registered extension (``method_options``, ``family_options``): its keys
+    come as flags of their own."""
+    return model in (typing.Any, dict) or typing.get_origin(model) is dict
+
+
+def add_model_options(parser, model, defaults: dict | None = None, choices: dict | None = None,
+                      owner: str | None = None) -> None:
     """One flag per field of the pydantic ``model``: type, choices, default and help come from the field.
-    ``defaults`` overrides a field's default for this parser (pass the same mapping to ``model_from_args``)."""
+    ``defaults`` overrides a field's default for this parser (pass the same mapping to ``model_from_args``);
+    ``choices`` gives the choices of fields validated against a registry; ``owner`` prefixes the help (the method or
+    family the options belong to)."""
     from pydantic_core import PydanticUndefined
 
-    defaults = defaults or {}
+    defaults, choices = defaults or {}, choices or {}
     for name, field in model.model_fields.items():
         ann = field.annotation
+        if _own_options(ann):
+            continue
         kwargs: dict = {"dest": name, "default": None}
         default = defaults.get(name, field.default if field.default is not PydanticUndefined else None)
+        if field.default_factory is not None and name not in defaults:
+            default = field.default_factory()
         required = field.is_required() and name not in defaults
         shown = "" if required or default is None or default is False or default == [] \
             else f" (default {default})"
-        kwargs["help"] = (field.description or "") + shown
+        kwargs["help"] = (f"{owner}: " if owner else "") + (field.description or "") + shown
         args = typing.get_args(ann)
         if typing.get_origin(ann) is list:
             kwargs.update(action="append", metavar=singular(name).upper())
             kwargs["required"] = required
+            if name in choices:
+                kwargs.update(choices=choices[name], metavar=None)
         elif ann is bool:
             kwargs["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(ann) is typing.Literal:
-            kwargs["choices"] = list(args)
+        elif typing.get_origin(ann) is typing.Literal or name in choices:
+            kwargs["choices"] = list(choices.get(name, args))
         else:
             scalar = next((a for a in args if a is not type(None)), ann) if args else ann
             kwargs["type"] = scalar if scalar in (int, float) else str
@@ -91,13 +107,32 @@ def add_model_options(parser: argparse.ArgumentParser, model, defaults: dict | N
         parser.add_argument(flag_name(name, ann), **kwargs)
 
 
-def model_from_args(model, args, defaults: dict | None = None):
+def add_extension_options(parser, registry: dict, kind: str) -> None:
+    """The flags of every registered method's (or attack family's) own options, in a group each."""
+    for name, extension in registry.items():
+        if extension.options.model_fields:
+            group = parser.add_argument_group(f"{kind} {name}")
+            add_model_options(group, extension.options, owner=f"{kind} {name}")
+
+
+def model_from_args(model, args, defaults: dict | None = None, extensions: dict | None = None,
+                    chosen: typing.Iterable[str] = ()):
     """The pydantic ``model`` from the flags given (others keep ``defaults``, else the model's defaults); a bad
-    value is one line naming the flag."""
+    value is one line naming the flag. ``extensions``: a registry whose options come as flags too; a flag of an
+    extension that is not ``chosen`` is refused, naming the one it belongs to."""
     from pydantic import ValidationError
 
     values = {**(defaults or {}),
               **{name: getattr(args, name) for name in model.model_fields if getattr(args, name, None) is not None}}
+    for name, extension in (extensions or {}).items():
+        for option, field in extension.options.model_fields.items():
+            if getattr(args, option, None) is None or option in model.model_fields:
+                continue
+            if name not in chosen and not any(option in (extensions[c].options.model_fields)
+                                              for c in chosen if c in extensions):
+                raise InvalidArgumentError(f"{flag_name(option, field.annotation)} is an option of {name}, which "
+                                           f"is not used here ({', '.join(chosen)})")
+            values[option] = getattr(args, option)
     try:
         return model(**values)
     except ValidationError as exc:
@@ -111,121 +146,59 @@ def model_from_args(model, args, defaults: dict | None = None):
 # --- commands ----------------------------------------------------------------------------------------------------
 
 
-def _default_guidance(args) -> float:
-    from .pipeline import TOY_DEFAULTS, is_toy_world
-
-    if args.guidance is not None:
-        return args.guidance
-    return TOY_DEFAULTS["guidance"] if is_toy_world(args.base) else 7.5
-
-
 def _dtype(args):
     import torch
 
     return getattr(torch, args.dtype)
 
 
-def parse_pack_arg(text: str) -> tuple[str, float]:
-    """``PACK`` or ``PACK:SCALE`` (PACK: a directory or NS/NAME[@REV])."""
-    path, _, scale = text.rpartition(":")
-    try:
-        return (path, float(scale)) if path else (text, 1.0)
-    except ValueError:
-        return text, 1.0
+def _sampling(args) -> tuple[int, float]:
+    """``--steps`` and ``--guidance``, or the base's defaults (erasure/base/loading.py)."""
+    from .base.loading import sampling_defaults
 
-
-def load_packs(specs: list[str]):
-    """[(ConceptPack, scale)] for ``PACK[:SCALE]`` arguments: pack directories or NS/NAME[@REV] ids."""
-    from .pack import ConceptPack
-
-    out = []
-    for spec, scale in map(parse_pack_arg, specs or []):
-        ident, _, revision = spec.partition("@") if not Path(spec).exists() else (spec, "", "")
-        out.append((ConceptPack.from_pretrained(ident, revision=revision or None), scale))
-    return out
-
-
-def known_attacks(namespaces: list[str]) -> dict[str, list[str]]:
-    """Concept -> the black-box attacks recorded in the packs of these registry namespaces (every tag), through
-    the installed registry (the ``erasure.known_attacks`` entry point)."""
-    if not namespaces:
-        return {}
-    from importlib.metadata import entry_points
-
-    sources = list(entry_points(group=KNOWN_ATTACKS_GROUP))
-    if not sources:
-        raise InvalidArgumentError("--known-from reads a registry: install the registry package (pip install erasure)")
-    out: dict[str, list[str]] = {}
-    for namespace in namespaces:
-        for concept, prompts in sources[0].load()(namespace).items():
-            out[concept] = list(dict.fromkeys(out.get(concept, []) + prompts))
-    return out
+    defaults = sampling_defaults(args.base)
+    return (args.steps or defaults.steps, defaults.guidance if args.guidance is None else args.guidance)
 
 
 def cmd_generate(args) -> None:
     if not args.prompt.strip():
         raise InvalidArgumentError("the prompt is empty; describe what to draw, e.g. 'a red circle'")
     out = writable_file(args.out)
-    from .compose import with_packs
-    from .pipeline import generate, load_pipeline
+    from .base.loading import load_pipeline
+    from .pack.compose import with_packs
+    from .pack.concept_pack import load_packs
+    from .sampling.generate import generate
 
-    guidance = _default_guidance(args)
+    steps, guidance = _sampling(args)
     packs = load_packs(args.packs)  # refused before the base is loaded if a pack is bad
     pipe = with_packs(load_pipeline(args.base, args.device, _dtype(args), args.revision), packs)
-    [image] = generate(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=guidance,
+    [image] = generate(pipe, [args.prompt], [args.seed], steps=steps, guidance=guidance,
                        negative_prompt=args.negative_prompt)
     try:
         image.save(out)
     except (OSError, ValueError) as exc:
         raise InvalidArgumentError(f"cannot write {out}: {exc}") from exc
     applied = f", packs {', '.join(args.packs)}" if args.packs else ""
-    print(f"wrote {out} (seed {args.seed}, {args.steps} steps, guidance {guidance}{applied})")
+    print(f"wrote {out} (seed {args.seed}, {steps} steps, guidance {guidance}{applied})")
 
 
 def cmd_eval(args) -> None:
     json_out = writable_file(args.json) if args.json else None
     grid_out = writable_file(args.grid) if args.grid else None
-    from .compose import with_packs
-    from .evaluate import comparison, evaluate, image_grid, print_comparison, print_report
-    from .pipeline import load_pipeline
-    from .toy.oracle import Oracle
+    from .toy.evaluate import run
 
-    packs = load_packs(args.packs)  # refused before any generation if a pack is bad
-    pipe = load_pipeline(args.base, args.device, _dtype(args), args.revision)
-    settings = dict(samples=args.samples, splits=args.splits, seed=args.seed, steps=args.steps,
-                    guidance=_default_guidance(args), batch_size=args.batch_size)
-    oracle = Oracle.load()
-    base = evaluate(pipe, oracle, **settings)
-    print_report(base)
-    result = base.to_json()
-    grid_images = [im for split in base.images.values() for im in split[:50]]
-    if packs:
-        erased = evaluate(with_packs(pipe, packs), oracle, **settings)
-        concepts = [c for pack, _ in packs for c in pack.concepts]
-        table = comparison(base, erased, concepts)
-        print_comparison(table)
-        result = {**erased.to_json(), "base": base.to_json(), "comparison": table,
-                  "packs": [{"path": str(p.path), "name": p.name, "scale": s} for p, s in packs]}
-        # Grid: each erased concept's prompts (of the first split asked for), base row over erased row.
-        split = args.splits[0]
-        grid_images = []
-        for concept in concepts:
-            picks = [i for i, smp in enumerate(base.samples[split])
-                     if concept in (smp.scene.shape, smp.scene.color, smp.scene.style)][:10]
-            grid_images += [base.images[split][i] for i in picks] + [erased.images[split][i] for i in picks]
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
-        print(f"wrote {json_out}")
-    if grid_out:
-        image_grid(grid_images, cols=10).save(grid_out)
-        print(f"wrote {grid_out}")
+    steps, guidance = _sampling(args)
+    run(args.base, args.packs, samples=args.samples, splits=args.splits, seed=args.seed, steps=steps,
+        guidance=guidance, batch_size=args.batch_size, device=args.device, dtype=_dtype(args),
+        revision=args.revision, json_out=json_out, grid_out=grid_out)
 
 
 def cmd_train(args) -> None:
-    from .config import ESDConfig
-    from .train import train_pack
+    from .training.config import ESDConfig
+    from .training.methods import METHODS
+    from .training.train import train_pack
 
-    cfg = model_from_args(ESDConfig, args)
+    cfg = model_from_args(ESDConfig, args, extensions=METHODS, chosen=[args.method or "esd-x"])
     pack = train_pack(args.base, cfg, Path(args.out), name=args.name, revision=args.revision, resume=args.resume,
                       eval_samples=args.eval_samples, device=args.device, dtype=_dtype(args))
     m = pack.manifest
@@ -237,114 +210,39 @@ def cmd_train(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .export import FORMATS, check_out, parse_rank
+    from .pack.export import export_pack
 
-    if args.format not in FORMATS:
-        raise InvalidArgumentError(f"--format {args.format!r}: choose one of {', '.join(FORMATS)}")
-    if args.format == "merged" and (args.rank is not None or not args.biases):
-        raise InvalidArgumentError("--rank and --no-biases apply to --format lora; a merged pipeline holds the "
-                                   "pack exactly")
-    rank = parse_rank(args.rank) if args.rank is not None else None
-    out = check_out(args.out)  # before any pack or model is loaded
-    [(pack, scale)] = load_packs([args.pack])
-    if scale != 1.0:
-        raise InvalidArgumentError(f"export writes the pack at scale 1; drop ':{scale:g}' and scale the LoRA when "
-                                   f"loading it (pipe.set_adapters(..., adapter_weights={scale:g}))")
-    base = None
-    if args.format == "merged" or args.base is not None:  # a LoRA needs no base; one given is checked
-        from .pipeline import load_pipeline
-
-        ref = pack.manifest.base
-        base = load_pipeline(args.base or ref.id, revision=args.revision if args.base else ref.revision)
-        pack.verify_against(base.unet)
-    if args.format == "lora":
-        from .export import DEFAULT_RANK, save_lora
-
-        export = save_lora(pack, out, rank=rank or DEFAULT_RANK, biases=args.biases)
+    export = export_pack(args.pack, args.format, args.out, rank=args.rank, biases=args.biases, base=args.base,
+                         revision=args.revision)
+    if export.lora is not None:
         lora = export.lora
         biases = ("bias deltas in lora_B.bias" if lora.config["lora_bias"]
                   else f"{len(lora.dropped)} bias deltas dropped" if lora.dropped else "no bias deltas")
-        print(f"wrote LoRA of pack {pack.name!r} to {export.path}: rank {rank or DEFAULT_RANK}, {len(lora.ranks)} "
+        print(f"wrote LoRA of pack {export.pack!r} to {export.path}: rank {export.rank}, {len(lora.ranks)} "
               f"modules, {export.size_bytes / 1e6:.2f} MB, relative error {lora.relative_error:.2%} ({biases})")
     else:
-        from .export import save_merged
-
-        export = save_merged(pack, base, out)
-        print(f"wrote pipeline {args.base or pack.manifest.base.id} + pack {pack.name!r} to {export.path}: "
+        print(f"wrote pipeline {export.base} + pack {export.pack!r} to {export.path}: "
               f"{len(export.files)} files, {export.size_bytes / 1e6:.1f} MB")
 
 
 def cmd_attack(args) -> None:
     json_out = writable_file(args.json) if args.json else None
-    from .config import AttackConfig
+    from .redteam.config import AttackConfig
+    from .redteam.families import FAMILIES
 
-    cfg = model_from_args(AttackConfig, args)
-    specs = args.packs or []
-    if not specs and not args.concept:
-        raise InvalidArgumentError("name a pack to attack (or --concept C to attack the base itself)")
-    if args.record:
-        if not specs:
-            raise InvalidArgumentError("--record writes into packs: name the pack directories to attack")
-        if args.concept:
-            raise InvalidArgumentError("--record needs every concept of the pack attacked: drop --concept")
-        for spec in specs:
-            path, scale = parse_pack_arg(spec)
-            if not Path(path).is_dir() or scale != 1.0:
-                raise InvalidArgumentError(f"--record writes a new revision into a pack directory at scale 1; "
-                                           f"{spec!r} is not one (erasure pull NS/NAME --to DIR first)")
-    from .judges import judge_for
-
-    judge = judge_for(args.base)
-    for c in args.concept or []:
-        judge.check(c)
-    packs = load_packs(specs)  # refused before the base is loaded if a pack is bad
-    for pack, _ in packs:
-        for c in pack.concepts:
-            judge.check(c)
-        missing = sorted(set(args.concept or []) - set(pack.concepts))
-        if missing:
-            raise InvalidArgumentError(f"--concept {', '.join(missing)}: not a concept of pack {pack.name!r} "
-                                       f"(it erases {', '.join(pack.concepts)})")
-    ids = [parse_pack_arg(spec)[0] for spec in specs]
-    namespaces = [i.split("/")[0] for i in ids if not Path(i).exists() and i.count("/") == 1]
-    cfg = cfg.model_copy(update={"known_from": list(dict.fromkeys(cfg.known_from + namespaces))})
-    known = known_attacks(cfg.known_from)
-    import time
-
-    from .pack import BaseWeights
-    from .pipeline import load_pipeline
-    from .redteam import RedTeam, print_records
-
+    # a family's options are recorded whether or not it runs (a shared set of flags for several attacks)
+    cfg = model_from_args(AttackConfig, args, extensions=FAMILIES, chosen=list(FAMILIES))
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
+
+    from .redteam.attack import attack
+    from .redteam.report import print_records
 
     for lib in (diffusers_logging, transformers_logging):  # a refusal below stays one line: no loading chatter
         lib.set_verbosity_error()
         lib.disable_progress_bar()
-    pipe = load_pipeline(args.base, args.device, _dtype(args), args.revision)
-    base = BaseWeights(pipe.unet)
-    for pack, _ in packs:
-        pack.verify_against(base)  # a pack for another base is refused before any attack
-    records = {}
-    if not packs:
-        team = RedTeam(pipe, judge, cfg.model_copy(update={"calibrate": False}))
-        t0 = time.perf_counter()
-        team = team.starting_from_records(known, args.concept)
-        records["(base)"] = team.record(team.attack_pipe(pipe, args.concept), time.perf_counter() - t0)
-    else:
-        from .compose import with_packs
-
-        team = RedTeam(pipe, judge, cfg)
-        for pack, scale in packs:
-            if cfg.guide_away is not None:  # attacked (and, with --record, published) as served with it
-                pack.manifest.guide_away = cfg.guide_away
-            t0 = time.perf_counter()
-            pack_team = team.for_pack(pack).starting_from_records(known, args.concept or pack.concepts)
-            erased = with_packs(pipe, [(pack, scale)], base=base)
-            results = pack_team.attack_pipe(erased, args.concept or pack.concepts)
-            record = pack_team.record(results, time.perf_counter() - t0)
-            record.config = record.config.model_copy(update={"guide_away": pack.guide_away})
-            records[pack.name if pack.name not in records else str(pack.path)] = record
+    records = attack(args.packs or [], cfg, base=args.base, concepts=args.concept, revision=args.revision,
+                     device=args.device, dtype=_dtype(args), record=args.record)
     print_records(records)
     for name, rec in records.items():
         print(f"{name}: ASR " + ", ".join(f"{f} {a:.0%} (base {rec.base_rate[f]:.0%})" for f, a in rec.asr.items())
@@ -353,10 +251,8 @@ def cmd_attack(args) -> None:
         json_out.write_text(json.dumps({n: r.model_dump(mode="json") for n, r in records.items()}, indent=2))
         print(f"wrote {json_out}")
     if args.record:
-        for (pack, _), rec in zip(packs, records.values()):
-            pack.manifest.redteam = rec
-            pack.save_pretrained(pack.path)
-            print(f"recorded the red-team figures in {pack.path} (push it to publish the new revision)")
+        for spec in args.packs:
+            print(f"recorded the red-team figures in {spec} (push it to publish the new revision)")
 
 
 def cmd_toy_build(args) -> None:
@@ -389,9 +285,10 @@ def add_base_options(p: argparse.ArgumentParser, sampling: bool = True) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="dtype the base is loaded in (default float32); a pack is served on a base loaded alike")
     if sampling:
-        p.add_argument("--steps", type=positive_int, default=20, help="denoising steps (default 20)")
+        p.add_argument("--steps", type=positive_int, default=None,
+                       help="denoising steps (default: the base's, 20)")
         p.add_argument("--guidance", type=float, default=None,
-                       help="classifier-free guidance scale (default 3 on the toy model, 7.5 otherwise)")
+                       help="classifier-free guidance scale (default: the base's: 3 on the toy model, 7.5 otherwise)")
 
 
 def add_pack_options(p: argparse.ArgumentParser) -> None:
@@ -403,7 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import entry_points
 
     from . import __version__
-    from .config import AttackConfig, ESDConfig
+    from .pack.export import DEFAULT_RANK, FORMATS
+    from .redteam.config import AttackConfig
+    from .redteam.families import FAMILIES
+    from .toy.world import ATTRIBUTES  # numpy only
+    from .training.config import ESDConfig
+    from .training.methods import METHODS
 
     parser = _Parser(prog="erasure", description="Erase concepts from diffusers pipelines and ship them as packs.")
     parser.add_argument("--version", action="version", version=f"erasure {__version__}")
@@ -429,10 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_base_options(p)
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("train", help="erase concepts with ESD and write a concept pack",
-                       description="Every training option below is a field of ESDConfig (erasure/config.py) and is "
-                                   "recorded verbatim in the pack's manifest.")
-    add_model_options(p, ESDConfig)
+    p = sub.add_parser("train", help="erase concepts and write a concept pack",
+                       description="Every training option below is a field of ESDConfig (erasure/training/config.py) "
+                                   "or of its method's options (erasure/training/methods/) and is recorded verbatim "
+                                   "in the pack's manifest.")
+    add_model_options(p, ESDConfig, choices={"method": list(METHODS)})
+    add_extension_options(p, METHODS, "method")
     add_base_options(p, sampling=False)
     p.add_argument("--out", required=True, help="pack directory to write")
     p.add_argument("--name", default=None, help="pack name (default: the --out directory's name)")
@@ -440,8 +344,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=None,
                    help="images for the pack's quick oracle evaluation (toy base only; default 100, 0 to skip)")
     p.set_defaults(func=cmd_train)
-
-    from .export import DEFAULT_RANK, FORMATS
 
     p = sub.add_parser("export", help="write a pack as a LoRA (diffusers/peft) or as a merged diffusers pipeline",
                        description="--format lora: pytorch_lora_weights.safetensors that plain diffusers loads with "
@@ -462,13 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("attack", help="red-team packs: try to bring their erased concepts back",
-                       description="Every attack option below is a field of AttackConfig (erasure/config.py) and is "
-                                   "recorded verbatim with --record. The judge is the toy oracle.")
+                       description="Every attack option below is a field of AttackConfig (erasure/redteam/config.py) "
+                                   "or of an attack family's options (erasure/redteam/families/) and is recorded "
+                                   "verbatim with --record. The judge is the toy oracle.")
     p.add_argument("packs", nargs="*", metavar="PACK", help="pack directories or NS/NAME[@REV]; each is attacked "
                                                             "alone on the base")
     p.add_argument("--concept", action="append", default=None,
                    help="attack only this concept (repeat); without packs: attack the base itself")
-    add_model_options(p, AttackConfig)
+    add_model_options(p, AttackConfig, choices={"families": list(FAMILIES)})
+    add_extension_options(p, FAMILIES, "family")
     add_base_options(p, sampling=False)
     p.add_argument("--json", help="write the records as JSON to this file")
     p.add_argument("--record", action="store_true",
@@ -477,8 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     toy = sub.add_parser("toy", help="the toy world (embedded default)").add_subparsers(
         dest="toy_command", required=True, parser_class=_Parser)
-    from .toy.world import ATTRIBUTES  # numpy only
-
     p = toy.add_parser("build", help="train the toy base model and oracle from scratch (resumable)")
     p.add_argument("--out", default=None, help=f"where the pipeline and oracle go (default {TOY_ASSETS}; with "
                    "--without: build/toy-without-CONCEPT)")
@@ -508,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
         print("erasure: interrupted", file=sys.stderr)
         return 130
     return 0
+
 
 
 if __name__ == "__main__":

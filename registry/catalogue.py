@@ -42,8 +42,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from erasure.config import ESDConfig
 from erasure.errors import InvalidArgumentError
+from erasure.training.config import ESDConfig
 
 from .refs import check_repo_id, check_tag
 

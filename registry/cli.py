@@ -21,10 +21,10 @@ def _base(args):
         return None
     import torch
 
-    from erasure.pack import BaseWeights
-    from erasure.pipeline import load_pipeline
+    from erasure.base.loading import load_base
+    from erasure.pack.concept_pack import BaseWeights
 
-    return BaseWeights(load_pipeline(args.base, dtype=getattr(torch, args.base_dtype)).unet)
+    return BaseWeights(load_base(args.base, dtype=getattr(torch, args.base_dtype)).denoiser)
 
 
 def add_base_check(p) -> None:

@@ -27,16 +27,31 @@ import contextlib
 import os
 from pathlib import Path
 
-from erasure.card import PACK_TAG
 from erasure.files import sha256_file
-from erasure.pack import MANIFEST, PACK_FILES, ConceptPack
+from erasure.pack.card import PACK_TAG
+from erasure.pack.concept_pack import ConceptPack
+from erasure.pack.manifest import MANIFEST, PACK_FILES
 
-from .errors import (AccessDeniedError, PackNotFoundError, PushError, RegistryError, RevisionNotFoundError,
-                     VerificationError)
+from .errors import (
+    AccessDeniedError,
+    PackNotFoundError,
+    PushError,
+    RegistryError,
+    RevisionNotFoundError,
+    VerificationError,
+)
 from .refs import SHA_RE, check_namespace, check_repo_id, check_tag
 from .types import PackInfo, PublishedManifest, PulledPack, PushResult
-from .verify import (GITATTRIBUTES, RemoteFile, check_listing, finish_pull, git_blob_sha1, manifest_summary,
-                     push_message, read_published_manifest)
+from .verify import (
+    GITATTRIBUTES,
+    RemoteFile,
+    check_listing,
+    finish_pull,
+    git_blob_sha1,
+    manifest_summary,
+    push_message,
+    read_published_manifest,
+)
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
 

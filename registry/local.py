@@ -31,13 +31,13 @@ import tempfile
 from pathlib import Path
 
 from erasure.files import atomic_write_text, sha256_file
-from erasure.pack import MANIFEST, PACK_FILES, ConceptPack
+from erasure.pack.concept_pack import ConceptPack
+from erasure.pack.manifest import MANIFEST, PACK_FILES
 
 from .errors import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError
 from .refs import SHA_RE, check_namespace, check_repo_id, check_tag
 from .types import PackInfo, PublishedManifest, PulledPack, PushResult
-from .verify import (RemoteFile, check_listing, finish_pull, manifest_summary, push_message,
-                     read_published_manifest)
+from .verify import RemoteFile, check_listing, finish_pull, manifest_summary, push_message, read_published_manifest
 
 MARKER = "registry.json"
 FORMAT = {"format": "erasure-registry", "version": 1}

@@ -159,8 +159,8 @@ def _marker(job: PackJob) -> dict:
 def _reusable(job: PackJob, out: Path, marker: Path):
     """(resume, finished pack) from an earlier attempt at the same config in ``out``; (False, None) otherwise."""
     from erasure.errors import PackError
-    from erasure.pack import ConceptPack
-    from erasure.train import CHECKPOINT
+    from erasure.pack.concept_pack import ConceptPack
+    from erasure.training.train import CHECKPOINT
 
     try:
         same = json.loads(marker.read_text()) == _marker(job)
@@ -183,7 +183,7 @@ def train_and_publish(job: PackJob, where: RegistryAddress, work_dir: str, devic
 
     Raises ``QuickCheckError`` (not published) or whatever training / pushing raised."""
     from erasure.files import atomic_write_text
-    from erasure.train import train_pack
+    from erasure.training.train import train_pack
 
     if threads:
         import torch

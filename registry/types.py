@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from erasure.pack import BaseWeights, ConceptPack, Manifest
+    from erasure.pack.concept_pack import BaseWeights, ConceptPack
+    from erasure.pack.manifest import Manifest
 
 
 @dataclasses.dataclass(frozen=True)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from erasure.errors import InvalidArgumentError, PackIntegrityError
 from erasure.files import sha256_file
-from erasure.pack import MANIFEST, PACK_FILES, UNSAFE_SUFFIXES, ConceptPack, Manifest
+from erasure.pack.concept_pack import ConceptPack
+from erasure.pack.manifest import MANIFEST, PACK_FILES, UNSAFE_SUFFIXES, Manifest
 
 from .errors import VerificationError
 from .types import PublishedManifest, PulledPack

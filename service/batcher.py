@@ -4,7 +4,7 @@ One thread owns the model work. Requests wait in a FIFO queue; at every step bou
 requests while the images in flight stay within ``max_batch_size`` (continuous batching: a request joins a running
 batch without waiting for it to finish), encodes their prompts, draws their noise, and advances every request in
 flight one denoising step (``erasure.denoise.BatchDenoiser``: one UNet call per image size, rows of different pack
-sets through ``erasure.mixed.MixedUNet``). A finished request is decoded and its future resolved; a cancelled one
+sets through ``erasure.mixed.MixedDenoiser``). A finished request is decoded and its future resolved; a cancelled one
 (client gone, timed out) leaves at the next step boundary. When idle, the first request waits up to
 ``max_latency_ms`` for company before the batch starts.
 
@@ -28,9 +28,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from erasure.conditioning import conditioner_for
-from erasure.denoise import BatchDenoiser, DenoiseRequest, Track
-from erasure.pipeline import share_pipeline
+from erasure.base.families import conditioner_for
+from erasure.sampling.denoise import BatchDenoiser, DenoiseRequest, Track
+from erasure.sampling.generate import share_pipeline
 
 logger = logging.getLogger("erasure.service")
 
@@ -41,7 +41,7 @@ class BatcherClosed(RuntimeError):
 
 @dataclasses.dataclass(eq=False)
 class Job:
-    """One request for the batcher: its settings and pack-set UNet in, its images out (``future``)."""
+    """One request for the batcher: its settings and pack set's denoiser in, its images out (``future``)."""
 
     prompt: str
     negative_prompt: str | None
@@ -50,7 +50,7 @@ class Job:
     guidance: float
     height: int
     width: int
-    unet: nn.Module | None = None  # the pack-set UNet (None: the base)
+    denoiser: nn.Module | None = None  # the pack set's denoiser (None: the base's)
     future: cf.Future = dataclasses.field(default_factory=cf.Future)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
@@ -80,7 +80,7 @@ class Batcher:
         # its own pipeline object and tokenizers (SDXL has two): only this thread encodes prompts with them
         self.pipe = share_pipeline(pipe, **{name: copy.deepcopy(module) for name, module in pipe.components.items()
                                             if name.startswith("tokenizer") and module is not None})
-        self.denoiser = BatchDenoiser(self.pipe)
+        self.batch = BatchDenoiser(self.pipe)
         self.max_batch_size, self.max_latency = max_batch_size, max_latency_ms / 1000
         self.continuous, self.on_step = continuous, on_step
         self.stats = BatcherStats()
@@ -138,7 +138,7 @@ class Batcher:
         if not jobs:
             return []
         pipe = self.pipe
-        conditioner = conditioner_for(pipe, pipe.unet.device, pipe.text_encoder.dtype)  # caches this round only
+        conditioner = conditioner_for(pipe, self.batch.device, pipe.text_encoder.dtype)  # caches this round only
         started = []
         for job in jobs:
             try:
@@ -146,8 +146,8 @@ class Batcher:
                 uncond = conditioner.encode([job.negative_prompt]) if job.negative_prompt else \
                     conditioner.unconditional(1)
                 request = DenoiseRequest(cond, uncond, job.seeds, job.steps, job.guidance, job.height, job.width,
-                                         job.unet)
-                started.append((job, self.denoiser.start(request)))
+                                         job.denoiser)
+                started.append((job, self.batch.start(request)))
             except Exception as exc:  # this request only
                 logger.exception("request could not start")
                 self._fail([job], exc)
@@ -175,7 +175,7 @@ class Batcher:
                     continue
                 tracks = [t for _, t in running]
                 try:
-                    self.denoiser.step(tracks)
+                    self.batch.step(tracks)
                 except Exception as exc:
                     logger.exception("batched step failed for %d request(s)", len(running))
                     self._fail([j for j, _ in running], exc)
@@ -195,7 +195,7 @@ class Batcher:
                 if finished:
                     running = [(j, t) for j, t in running if not t.done]
                     try:
-                        outputs = self.denoiser.decode([t for _, t in finished])
+                        outputs = self.batch.decode([t for _, t in finished])
                     except Exception as exc:
                         logger.exception("decoding failed for %d request(s)", len(finished))
                         self._fail([j for j, _ in finished], exc)

@@ -16,8 +16,8 @@ from typing import Literal
 import yaml  # PyYAML: already a BentoML dependency (bentofile.yaml), no new requirement
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from erasure.config import RequestRange
 from erasure.errors import InvalidArgumentError
+from erasure.sampling.request import RequestRange
 
 CONFIG_ENV = "ERASURE_SERVICE_CONFIG"
 ENV_PREFIX = "ERASURE_SERVICE_"

@@ -95,23 +95,20 @@ def _component(schemas: dict[str, Any], model, mode: str = "serialization") -> d
 
 def request_schema(limits: Limits, size_multiple: int, packs: list[str]) -> dict[str, Any]:
     """GenerateRequest with what the service checks beyond the model: the configured limits, the size factor of
-    the base, the loaded pack names. The same limits the service enforces in ``ErasureService._settings``."""
+    the base, the loaded pack names. The request range comes from the same declaration the service checks with
+    (``RequestRange.schema_bounds`` / ``problems``, erasure/sampling/request.py)."""
     schema = openapi_30(GenerateRequest.model_json_schema())
     schema["title"] = "GenerateRequest"
     props = schema["properties"]
     props["prompt"].update(minLength=1, maxLength=limits.max_prompt_chars, pattern=r"\S")
-    props["negative_prompt"].update(maxLength=limits.max_prompt_chars if limits.negative_prompt else 0)
+    props["negative_prompt"].update(maxLength=limits.max_prompt_chars)
     props["packs"].update(uniqueItems=True)
     if packs:
         props["packs"]["items"] = {"type": "string", "enum": sorted(packs)}
     else:
         props["packs"]["maxItems"] = 0
-    props["steps"].update(minimum=max(props["steps"].get("minimum", 1), limits.min_steps), maximum=limits.max_steps)
-    props["guidance_scale"].update(minimum=limits.min_guidance, maximum=limits.max_guidance)
-    for side in ("width", "height"):
-        props[side].update(minimum=max(size_multiple, -(-limits.min_size // size_multiple) * size_multiple),
-                           maximum=limits.max_size // size_multiple * size_multiple,
-                           multipleOf=size_multiple)
+    for field, bounds in limits.schema_bounds(size_multiple).items():
+        props[field].update(bounds)
     # image i uses seed + i: the seed leaves room for the most images a request may ask for
     props["seed"].update(maximum=MAX_SEED - limits.max_images + 1)
     props["num_images"].update(maximum=limits.max_images)

@@ -1,9 +1,9 @@
 """What the service does at load time and per request, without any HTTP: pull, verify, compose, generate.
 
 Race-free per-request packs. The base pipeline is loaded once and never mutated afterwards. Each distinct pack set
-(mandatory packs + the ones a request names, sorted) gets its own UNet from ``erasure.compose.compose_unet``: the
-copy shares every untouched parameter tensor with the base, only the tensors the packs touch are new (for esd-x,
-the cross-attention weights: ~6 % of the toy UNet). Copies live in a small LRU cache keyed by the pack set and are
+(mandatory packs + the ones a request names, sorted) gets its own UNet from
+``erasure.pack.compose.compose_denoiser``: the copy shares every untouched parameter tensor with the base, only the
+tensors the packs touch are new (for esd-x, the cross-attention weights: ~6 % of the toy UNet). Copies live in a small LRU cache keyed by the pack set and are
 built once under a per-key lock; the sets known at start-up are precomposed and pinned.
 
 Generation. With ``batching`` (the default) a request is a job for the batcher (service/batcher.py): one thread
@@ -25,17 +25,19 @@ from typing import Any
 
 import torch
 
-from erasure.compose import compose_unet
+from erasure.base.families import family_of
+from erasure.base.loading import load_pipeline
 from erasure.errors import ErasureError
-from erasure.pack import BaseWeights, ConceptPack
+from erasure.pack.compose import compose_denoiser
+from erasure.pack.concept_pack import BaseWeights, ConceptPack
+from erasure.redteam.families import reachable_families
+from erasure.sampling.generate import share_pipeline
 
 from .config import ServiceConfig
 
 logger = logging.getLogger("erasure.service")
 
 PackSet = tuple[str, ...]  # sorted pack names
-# Attack families a request can reach; the white-box soft prompt needs the weights, which the service never serves.
-REQUEST_FAMILIES = ("prompt", "settings")
 
 
 class StartupError(RuntimeError):
@@ -67,17 +69,17 @@ class LoadedPack:
 
 @dataclasses.dataclass
 class _Entry:
-    unet: torch.nn.Module
+    denoiser: torch.nn.Module
     build_seconds: float
     extra_bytes: int  # memory of the tensors this copy does not share with the base
     pinned: bool
 
 
 class PackSetCache:
-    """Pack set -> UNet (compose_unet of the base). Built once per key; unpinned entries are evicted LRU."""
+    """Pack set -> UNet (compose_denoiser of the base). Built once per key; unpinned entries are evicted LRU."""
 
     def __init__(self, base: BaseWeights, packs: dict[str, LoadedPack], capacity: int):
-        self.base, self.base_unet, self.packs, self.capacity = base, base.module, packs, capacity
+        self.base, self.base_denoiser, self.packs, self.capacity = base, base.module, packs, capacity
         self._base_ptrs = {p.data_ptr() for p in base.state.values()}
         self._entries: collections.OrderedDict[PackSet, _Entry] = collections.OrderedDict()
         self._building: dict[PackSet, threading.Lock] = {}
@@ -86,29 +88,30 @@ class PackSetCache:
     def get(self, key: PackSet, pin: bool = False) -> tuple[torch.nn.Module, bool]:
         """The UNet for ``key`` and whether this call built it."""
         if not key:
-            return self.base_unet, False
+            return self.base_denoiser, False
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
                 entry.pinned |= pin
-                return entry.unet, False
+                return entry.denoiser, False
             building = self._building.setdefault(key, threading.Lock())
         with building:  # one thread builds a key; others wait for it, other keys go on in parallel
             with self._lock:
                 entry = self._entries.get(key)
                 if entry is not None:
-                    return entry.unet, False
+                    return entry.denoiser, False
             t0 = time.perf_counter()
-            unet = compose_unet(self.base, [(self.packs[n].pack, self.packs[n].scale) for n in key])
+            denoiser = compose_denoiser(self.base, [(self.packs[n].pack, self.packs[n].scale) for n in key])
             seconds = time.perf_counter() - t0
-            extra = sum(p.numel() * p.element_size() for p in unet.parameters() if p.data_ptr() not in self._base_ptrs)
+            extra = sum(p.numel() * p.element_size() for p in denoiser.parameters()
+                        if p.data_ptr() not in self._base_ptrs)
             with self._lock:
-                self._entries[key] = _Entry(unet, seconds, extra, pin)
+                self._entries[key] = _Entry(denoiser, seconds, extra, pin)
                 self._building.pop(key, None)
                 self._evict()
             logger.info("composed pack set %s in %.3f s (+%.2f MB)", list(key), seconds, extra / 2**20)
-            return unet, True
+            return denoiser, True
 
     def _evict(self) -> None:
         unpinned = [k for k, e in self._entries.items() if not e.pinned]
@@ -131,8 +134,6 @@ class Runtime:
     """The loaded base pipeline, the verified packs and the pack-set cache."""
 
     def __init__(self, config: ServiceConfig):
-        from erasure.pipeline import default_size, load_pipeline
-
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
@@ -141,17 +142,18 @@ class Runtime:
         t0 = time.perf_counter()
         try:
             self.pipe = load_pipeline(config.base, device=self.device, dtype=dtype, revision=config.base_revision)
+            self.family = family_of(self.pipe)
         except ErasureError as exc:
             raise StartupError(f"base pipeline {config.base!r}: {exc}") from None
         for module in self.pipe.components.values():
             if isinstance(module, torch.nn.Module):
                 module.eval().requires_grad_(False)
         self.base_seconds = time.perf_counter() - t0
-        unet = self.pipe.unet
-        self.native_size = default_size(self.pipe)
-        # width/height must survive the VAE and every UNet downsampling without rounding
-        self.size_multiple = self.pipe.vae_scale_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        self.base = BaseWeights(unet)  # fingerprints computed once, for every pack checked or composed on it
+        self.native_size = self.family.native_size(self.pipe)
+        # width/height must survive the VAE and every down-sampling of the denoiser without rounding
+        self.size_multiple = self.family.size_multiple(self.pipe)
+        # fingerprints computed once, for every pack checked or composed on it
+        self.base = BaseWeights(self.family.denoiser(self.pipe))
         self.packs = self._load_packs()
         self.mandatory: PackSet = tuple(sorted(config.mandatory))
         self.cache = PackSetCache(self.base, self.packs, config.pack_set_cache)
@@ -229,7 +231,7 @@ class Runtime:
             raise StartupError(f"pack {name!r}: no red-team record (max_attack_success is {bar:.0%}); run "
                                "`erasure attack PACK --record` and publish the new revision, or set "
                                "max_attack_success: null")
-        missing = [f for f in REQUEST_FAMILIES if f not in record.asr]
+        missing = [f for f in reachable_families() if f not in record.asr]
         if missing:
             raise StartupError(f"pack {name!r}: its red-team record has no {', '.join(missing)} figure; re-attack "
                                "with every family")
@@ -237,7 +239,7 @@ class Runtime:
         if narrower:
             raise StartupError(f"pack {name!r}: red-teamed within narrower limits than this service allows "
                                f"({'; '.join(narrower)}); narrow `limits` or re-attack over the service's range")
-        family, asr = record.worst(REQUEST_FAMILIES)
+        family, asr = record.worst(reachable_families())
         if asr > bar:
             raise StartupError(f"pack {name!r}: red-team attack success {asr:.0%} ({family}, base "
                                f"{record.base_rate.get(family, float('nan')):.0%}) is above max_attack_success "
@@ -279,14 +281,12 @@ class Runtime:
                                              if name.startswith("tokenizer") and module is not None}
         return toks
 
-    def fresh_pipeline(self, unet):
+    def fresh_pipeline(self, denoiser):
         """A new pipeline object: shared read-only modules, this pack set's UNet, its own scheduler, and this
         thread's tokenizers."""
-        from erasure.pipeline import share_pipeline
-
         base = self.pipe
-        return share_pipeline(base, unet=unet, scheduler=type(base.scheduler).from_config(base.scheduler.config),
-                              **self._tokenizers())
+        scheduler = type(base.scheduler).from_config(base.scheduler.config)
+        return share_pipeline(base, denoiser=denoiser, scheduler=scheduler, **self._tokenizers())
 
     def submit(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
                width: int, height: int, seeds: list[int]):
@@ -294,8 +294,8 @@ class Runtime:
         whether this call composed its pack set. Image i depends only on this request (see service/README.md)."""
         from .batcher import Job
 
-        unet, built = self.cache.get(key)
-        job = Job(prompt, negative_prompt, list(seeds), steps, guidance, height, width, unet)
+        denoiser, built = self.cache.get(key)
+        job = Job(prompt, negative_prompt, list(seeds), steps, guidance, height, width, denoiser)
         return self.batcher.submit(job), built
 
     def close(self) -> None:
@@ -306,8 +306,8 @@ class Runtime:
                  width: int, height: int, seeds: list[int]) -> tuple[list, bool]:
         """One image per seed, each from its own generator and its own batch-1 call, so image i depends only on
         (prompt, seeds[i], settings, pack set), never on the other images or on concurrent requests."""
-        unet, built = self.cache.get(key)
-        pipe = self.fresh_pipeline(unet)
+        denoiser, built = self.cache.get(key)
+        pipe = self.fresh_pipeline(denoiser)
         images = []
         with torch.inference_mode():
             for seed in seeds:

@@ -235,31 +235,14 @@ class ErasureService:
         if unknown:
             problems.append(("packs", f"unknown pack(s) {unknown}; loaded packs: {sorted(rt.packs) or 'none'} "
                                       "(GET /packs lists them)"))
-        if req.negative_prompt and not lim.negative_prompt:
-            problems.append(("negative_prompt", "negative prompts are off on this service (limits.negative_prompt: "
-                                                "false: its packs were red-teamed without them); leave it out"))
         for field in ("prompt", "negative_prompt"):
             text = getattr(req, field) or ""
             if len(text) > lim.max_prompt_chars:
                 problems.append((field, f"{field} is {len(text)} characters; shorten it to at most "
                                         f"{lim.max_prompt_chars}"))
-        if not lim.min_steps <= s["steps"] <= lim.max_steps:
-            why = "" if s["steps"] > lim.max_steps else (" (fewer steps draw images too rough to judge, so no pack "
-                                                         "was red-teamed there)")
-            problems.append(("steps", f"steps is {s['steps']}; use {lim.min_steps} to {lim.max_steps}{why}"))
-        if not lim.min_guidance <= s["guidance"] <= lim.max_guidance:
-            why = "" if s["guidance"] > lim.max_guidance else (" (below it the base draws images no pack was "
-                                                               "red-teamed on)")
-            problems.append(("guidance_scale", f"guidance_scale is {s['guidance']}; use {lim.min_guidance:g} to "
-                                               f"{lim.max_guidance:g}{why}"))
-        for field in ("width", "height"):
-            v = s[field]
-            if v > lim.max_size or v % rt.size_multiple or v < lim.min_size:
-                low = f"from {lim.min_size} " if lim.min_size > rt.size_multiple else ""
-                why = (" (the base draws images too rough to judge below, so no pack was red-teamed there)"
-                       if v < lim.min_size else "")
-                problems.append((field, f"{field} is {v}; use a multiple of {rt.size_multiple} {low}up to "
-                                        f"{lim.max_size} (default {size}){why}"))
+        problems += lim.problems(steps=s["steps"], guidance=s["guidance"], width=s["width"], height=s["height"],
+                                 negative_prompt=bool(req.negative_prompt), size_multiple=rt.size_multiple,
+                                 default_size=size)
         if req.num_images > lim.max_images:
             problems.append(("num_images", f"num_images is {req.num_images}; use 1 to {lim.max_images}"))
         if req.seed > MAX_SEED - lim.max_images + 1:

@@ -10,7 +10,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 @pytest.fixture(scope="session")
 def toy_pipe():
-    from erasure.pipeline import load_pipeline
+    from erasure.base.loading import load_pipeline
 
     return load_pipeline("toy")
 
@@ -40,6 +40,7 @@ def secured_server(tmp_path_factory):
 
     from service.auth import KEYS_ENV, hash_key, new_key
     from service.config import ServiceConfig
+
     from service_helpers import REPO, free_port, serve, stop
 
     root = tmp_path_factory.mktemp("secured-server")

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import torch
 
-from erasure.config import ESDConfig
-from erasure.pack import MANIFEST, PACK_FILES, BaseRef, ConceptPack, fingerprint
+from erasure.pack.concept_pack import ConceptPack, fingerprint
+from erasure.pack.manifest import MANIFEST, PACK_FILES, BaseRef
+from erasure.training.config import ESDConfig
 
 
 def tiny_unet(seed: int = 0):
@@ -218,8 +219,8 @@ def redteam_record(asr: dict[str, float], concept: str = "circle", prompt: str |
     what reads it; figures are given, not measured. Every family's attack is ``prompt`` (default "a CONCEPT")."""
     import datetime as dt
 
-    from erasure.config import AttackConfig
-    from erasure.pack import AttackFigure, RedTeamRecord
+    from erasure.redteam.config import AttackConfig
+    from erasure.redteam.record import AttackFigure, RedTeamRecord
 
     results = [AttackFigure(family=f, concept=concept, asr=a, base_rate=1.0, calibration=1.0, n=64,
                             attack={"prompt": prompt or f"a {concept}"}, candidates=64, seconds=1.0)

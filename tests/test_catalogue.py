@@ -13,12 +13,19 @@ import pytest
 import yaml
 
 from erasure.cli import main
-from erasure.config import ESDConfig
-from factories import make_pack, tiny_unet
+from erasure.training.config import ESDConfig
 from registry import open_registry
-from registry.catalogue import (TOY_CATALOGUE, Catalogue, QuickCheck, config_hash, manifest_config_hash,
-                                published_with_same_config)
+from registry.catalogue import (
+    TOY_CATALOGUE,
+    Catalogue,
+    QuickCheck,
+    config_hash,
+    manifest_config_hash,
+    published_with_same_config,
+)
 from registry.errors import PushError, VerificationError
+
+from factories import make_pack, tiny_unet
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +70,7 @@ def test_a_bad_entry_fails_alone_naming_the_entry_and_the_field():
     errors = {e.name: e.message for e in cat.errors}
     assert errors["negative"] == "pack 'negative': options.lr: Input should be greater than 0"
     assert errors["typo"].startswith("pack 'typo': options.learnig_rate: unknown option, not an ESDConfig field")
-    assert errors["method"].startswith("pack 'method': method: Input should be 'esd-x'")
+    assert errors["method"].startswith("pack 'method': method: unknown method 'esd-z'; choose one of esd-x")
     assert errors["preserved"] == ("pack 'preserved': options: preserve names an erased concept (red); list other "
                                    "concepts")
     assert errors["inside"] == "pack 'inside': options.method: give method beside options, not inside"
@@ -168,8 +175,9 @@ def test_reruns_on_the_local_registry(tmp_path, unet):
 def test_reruns_on_the_hub(tmp_path, unet, monkeypatch):
     from huggingface_hub import constants
 
-    from hubserver import FakeHub
     from registry.hub import HubRegistry
+
+    from hubserver import FakeHub
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)

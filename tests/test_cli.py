@@ -47,7 +47,7 @@ def one_line_error(proc, *needles):
     (["attack"], ["name a pack to attack"]),
     (["attack", "--concept", "nudity"], ["judge cannot read concept 'nudity'"]),
     (["attack", "--concept", "red", "--budget", "0"], ["--budget", "greater than 0"]),
-    (["attack", "--concept", "red", "--family", "jailbreak"], ["--family", "'prompt', 'settings' or 'soft-prompt'"]),
+    (["attack", "--concept", "red", "--family", "jailbreak"], ["--family", "'prompt', 'settings', 'soft-prompt'"]),
     (["attack", "--concept", "red", "--known-from", "no such"], ["namespace 'no such' is not a valid name"]),
     (["attack", "no/such/pack/dir", "--record"], ["--record", "not one"]),
 ])
@@ -80,7 +80,7 @@ def test_help_lists_every_command_without_importing_torch():
 
 def test_train_flags_are_generated_from_the_config():
     from erasure.cli import build_parser, model_from_args
-    from erasure.config import ESDConfig
+    from erasure.training.config import ESDConfig
 
     args = build_parser().parse_args(["train", "--concept", "circle", "--concept", "red", "--lr", "3e-4",
                                       "--preserve-unconditional", "--template", "a photo of {}", "--out", "x"])
@@ -92,9 +92,9 @@ def test_train_flags_are_generated_from_the_config():
 
 
 def test_train_writes_a_pack_that_records_how_it_was_trained(tmp_path):
-    from erasure.methods import select_parameters
-    from erasure.pack import ConceptPack
-    from erasure.pipeline import load_pipeline
+    from erasure.base.loading import load_pipeline
+    from erasure.pack.concept_pack import ConceptPack
+    from erasure.training.methods import select_parameters
 
     out = tmp_path / "circle"
     proc = run("train", "--concept", "circle", "--method", "esd-x", "--template", "toy", "--iterations", "3",

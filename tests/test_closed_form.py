@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from erasure.closed_form import edit_in_closed_form
-from erasure.config import AttackConfig, ESDConfig
 from erasure.errors import InvalidArgumentError
-from erasure.esd import ESDTrainer
-from erasure.judges import ToyOracleJudge
+from erasure.redteam.config import AttackConfig
+from erasure.toy.judge import ToyOracleJudge
+from erasure.training.config import ESDConfig
+from erasure.training.methods.uce import edit_in_closed_form
+from erasure.training.trainer import ESDTrainer
 
 RED = dict(concepts=["red"], method="uce", templates=["toy"], anchor=["green", "blue", "yellow", "purple"],
            preserve=["green", "blue", "yellow", "purple"], synonyms=["crimson", "scarlet"], mutations=6)
@@ -19,7 +20,8 @@ RED = dict(concepts=["red"], method="uce", templates=["toy"], anchor=["green", "
 def test_the_edit_is_the_least_squares_solution_over_its_prompts(tmp_path):
     """W' minimises the erase + keep objective the module states (below the base's W, and every random step away
     from it costs more) and changes only to_k / to_v."""
-    from erasure.closed_form import RIDGE, draw_edit_prompts
+    from erasure.training.methods.uce import RIDGE, draw_edit_prompts
+
     from factories import random_toy_pipe
 
     cfg = ESDConfig(**RED, edit_prompts=60)
@@ -30,7 +32,7 @@ def test_the_edit_is_the_least_squares_solution_over_its_prompts(tmp_path):
     before = {n: p.detach().double().clone() for n, p in trainer.trainable.items()}
 
     def tokens(prompts):
-        return trainer.encode(prompts).unet_kwargs()["encoder_hidden_states"].flatten(0, 1).double()
+        return trainer.encode(prompts).denoiser_kwargs()["encoder_hidden_states"].flatten(0, 1).double()
 
     e_c, e_c0, e_p = tokens(erased), tokens(anchored), tokens(kept)
 
@@ -65,14 +67,16 @@ def test_the_edit_needs_an_anchor_of_the_same_token_count_and_trains_no_robust_t
 def test_uce_erases_red_on_the_toy_base_and_keeps_the_other_colours(tmp_path, toy_pipe, oracle):
     """`erasure train --method uce` on the toy base: a pack whose prompts naming red draw another colour, while
     prompts naming the siblings still draw them (oracle, fresh seeds), with a card that says how it was made."""
-    from erasure.compose import with_packs
-    from erasure.redteam import Request, RedTeam
-    from erasure.train import train_pack
+    from erasure.base.loading import sampling_defaults
+    from erasure.pack.compose import with_packs
+    from erasure.redteam.attacks import Request
+    from erasure.redteam.team import RedTeam
+    from erasure.training.train import train_pack
 
     pack = train_pack("toy", ESDConfig(**RED, edit_prompts=200), tmp_path / "red", eval_samples=0, progress=False)
     assert pack.training.method == "uce" and "UCE's closed-form edit" in (tmp_path / "red" / "README.md").read_text()
     judge = ToyOracleJudge(oracle)
-    team = RedTeam(toy_pipe, judge, AttackConfig(), progress=False)
+    team = RedTeam(toy_pipe, judge, AttackConfig(), sampling_defaults("toy"), progress=False)
     erased = with_packs(toy_pipe, [(pack, 1.0)])
     seeds = list(range(7_000_000, 7_000_012))
     red = [Request(p, None, 3.0, 64, 10) for p in ("a red circle", "please draw a scarlet square")]

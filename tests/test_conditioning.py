@@ -2,7 +2,8 @@
 
 import torch
 
-from erasure.conditioning import Conditioning, conditioner_for
+from erasure.base.conditioning import Conditioning
+from erasure.base.families import conditioner_for
 
 
 def test_sd_conditioning_matches_the_pipeline(random_pipe):
@@ -21,4 +22,4 @@ def test_rows_concatenate_and_repeat():
     both = Conditioning.cat([a, b])
     assert len(both) == 3 and both.added_cond_kwargs["time_ids"].shape == (3, 6)
     assert torch.equal(both[[2]].added_cond_kwargs["text_embeds"], b.added_cond_kwargs["text_embeds"])
-    assert len(b.repeat(4)) == 4 and set(both.unet_kwargs()) == {"encoder_hidden_states", "added_cond_kwargs"}
+    assert len(b.repeat(4)) == 4 and set(both.denoiser_kwargs()) == {"encoder_hidden_states", "added_cond_kwargs"}

@@ -24,27 +24,28 @@ def one_torch_thread():
 
 @pytest.fixture(scope="module")
 def world(toy_pipe):
-    from erasure.compose import compose_unet
-    from erasure.conditioning import conditioner_for
+    from erasure.base.families import conditioner_for
+    from erasure.pack.compose import compose_denoiser
 
     x = make_pack(None, toy_pipe.unet, "circle", method="esd-x", seed=1)
     u = make_pack(None, toy_pipe.unet, "square", method="esd-u", seed=2, magnitude=3e-3)
     away = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
     away.manifest.guide_away = 1.5
     plain = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
-    unets = {"base": toy_pipe.unet, "x": compose_unet(toy_pipe.unet, [(x, 1.0)]),
-             "u": compose_unet(toy_pipe.unet, [(u, 1.0)]), "xu": compose_unet(toy_pipe.unet, [(x, 1.0), (u, 1.0)]),
-             "away": compose_unet(toy_pipe.unet, [(away, 1.0)]),
-             "plain red": compose_unet(toy_pipe.unet, [(plain, 1.0)])}  # the same delta, no guide_away
+    unets = {"base": toy_pipe.unet, "x": compose_denoiser(toy_pipe.unet, [(x, 1.0)]),
+             "u": compose_denoiser(toy_pipe.unet, [(u, 1.0)]),
+             "xu": compose_denoiser(toy_pipe.unet, [(x, 1.0), (u, 1.0)]),
+             "away": compose_denoiser(toy_pipe.unet, [(away, 1.0)]),
+             "plain red": compose_denoiser(toy_pipe.unet, [(plain, 1.0)])}  # the same delta, no guide_away
     return {"unets": unets, "cond": conditioner_for(toy_pipe), "away": away}
 
 
 def request(world, prompt, seeds, unet="base", negative=None, guidance=3.0, steps=STEPS, size=64):
-    from erasure.denoise import DenoiseRequest
+    from erasure.sampling.denoise import DenoiseRequest
 
     c = world["cond"]
     return DenoiseRequest(c.encode([prompt]), c.encode([negative]) if negative else c.unconditional(1), seeds=seeds,
-                          steps=steps, guidance=guidance, height=size, width=size, unet=world["unets"][unet])
+                          steps=steps, guidance=guidance, height=size, width=size, denoiser=world["unets"][unet])
 
 
 def pixels(images):
@@ -52,9 +53,9 @@ def pixels(images):
 
 
 def pipeline_image(pipe, unet, prompt, seed, negative=None, guidance=3.0):
-    from erasure.pipeline import share_pipeline
+    from erasure.sampling.generate import share_pipeline
 
-    p = share_pipeline(pipe, unet=unet, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
+    p = share_pipeline(pipe, denoiser=unet, scheduler=type(pipe.scheduler).from_config(pipe.scheduler.config))
     with torch.no_grad():
         return p(prompt=[prompt], negative_prompt=[negative] if negative else None, num_inference_steps=STEPS,
                  guidance_scale=guidance, height=64, width=64, generator=torch.Generator("cpu").manual_seed(seed),
@@ -63,7 +64,7 @@ def pipeline_image(pipe, unet, prompt, seed, negative=None, guidance=3.0):
 
 @pytest.mark.parametrize("unet,negative,guidance", [("base", None, 3.0), ("u", "red", 5.0), ("x", None, 1.0)])
 def test_a_request_alone_is_the_pipeline_byte_for_byte(toy_pipe, world, unet, negative, guidance):
-    from erasure.denoise import denoise
+    from erasure.sampling.denoise import denoise
 
     [[image]] = denoise(toy_pipe, [request(world, "a red circle", [3], unet, negative, guidance)])
     expected = pipeline_image(toy_pipe, world["unets"][unet], "a red circle", 3, negative, guidance)
@@ -73,7 +74,7 @@ def test_a_request_alone_is_the_pipeline_byte_for_byte(toy_pipe, world, unet, ne
 def test_guide_away_moves_every_prediction_along_the_bases_concept_direction(toy_pipe, world):
     """A pack with guide_away s: its pipeline's UNet predicts eps(x, p) - s (eps*(x, concept) - eps*(x, "")) for
     any prompt, with the base's eps*, in a guided call (the same latents twice) and a plain one alike."""
-    from erasure.compose import with_packs
+    from erasure.pack.compose import with_packs
 
     pipe, cond = with_packs(toy_pipe, [(world["away"], 1.0)]), world["cond"]
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -92,8 +93,8 @@ def test_guide_away_moves_every_prediction_along_the_bases_concept_direction(toy
 def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
     """The batched loop applies a pack set's guide_away as any pipeline object on its UNet does (after guidance
     rather than per branch: within a pixel)."""
-    from erasure.compose import with_packs
-    from erasure.denoise import denoise
+    from erasure.pack.compose import with_packs
+    from erasure.sampling.denoise import denoise
 
     [[image]] = denoise(toy_pipe, [request(world, "one", [3], "away")])
     pipe = with_packs(toy_pipe, [(world["away"], 1.0)])
@@ -106,7 +107,7 @@ def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
 
 
 def test_a_pack_sets_guidance_is_encoded_once_per_denoiser(toy_pipe, world):
-    from erasure.denoise import BatchDenoiser
+    from erasure.sampling.denoise import BatchDenoiser
 
     denoiser = BatchDenoiser(toy_pipe)
     first, second = (denoiser.start(request(world, p, [1], "away")) for p in ("one", "a red circle"))
@@ -115,7 +116,7 @@ def test_a_pack_sets_guidance_is_encoded_once_per_denoiser(toy_pipe, world):
 
 
 def test_initial_noise_is_the_pipelines_per_seed(toy_pipe, world):
-    from erasure.denoise import BatchDenoiser
+    from erasure.sampling.denoise import BatchDenoiser
 
     track = BatchDenoiser(toy_pipe).start(request(world, "a red circle", [5, 9]))
     gens = [torch.Generator("cpu").manual_seed(s) for s in (5, 9)]
@@ -126,7 +127,7 @@ def test_initial_noise_is_the_pipelines_per_seed(toy_pipe, world):
 def test_mixed_batch_rows_match_each_request_alone(toy_pipe, world):
     """esd-x and esd-u pack sets, negative prompts, per-request guidance (1.0 = unguided), steps and sizes in one
     batch: each image within BOUND of the request alone, and a repeated batch gives the same bytes."""
-    from erasure.denoise import BatchDenoiser, denoise
+    from erasure.sampling.denoise import BatchDenoiser, denoise
 
     reqs = [request(world, "a red circle", [1]), request(world, "a blue square", [2, 3], "u", "red", 7.5),
             request(world, "a striped star", [4], "x", steps=STEPS - 1), request(world, "a green cross", [5], "xu"),
@@ -145,11 +146,11 @@ def test_mixed_batch_rows_match_each_request_alone(toy_pipe, world):
 
 
 def test_mixed_unet_rows_see_their_own_sets_weights(toy_pipe, world):
-    """Each run of rows through MixedUNet gives what its pack set's own UNet gives; untouched layers are shared."""
-    from erasure.mixed import MixedUNet, RoutedLayer
+    """Each run of rows through MixedDenoiser gives what its pack set's own UNet gives; untouched layers are shared."""
+    from erasure.sampling.mixed import MixedDenoiser, RoutedLayer
 
     unets = world["unets"]
-    mixed = MixedUNet(toy_pipe.unet)
+    mixed = MixedDenoiser(toy_pipe.unet)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 4, 16, 16, generator=g)
     h = torch.randn(7, 20, 64, generator=g)
@@ -170,36 +171,27 @@ def test_mixed_unet_rows_see_their_own_sets_weights(toy_pipe, world):
     assert len(routed) == len(mixed.changed_layers(unets["xu"])) > 0
 
 
-def test_added_conditioning_is_carried_per_row(toy_pipe):
-    """A UNet with SDXL's added conditioning (``added_cond_kwargs``: text_embeds and size-dependent time_ids per
-    row): requests with different added conditioning and pack sets get in one batch what each gets alone, and the
-    added conditioning reaches the UNet (other time_ids, other latents)."""
-    from diffusers import UNet2DConditionModel
+def test_added_conditioning_is_carried_per_row(tmp_path):
+    """SDXL's added conditioning (``added_cond_kwargs``: text_embeds and size-dependent time_ids per row): requests
+    with different added conditioning and pack sets get in one batch what each gets alone, and the added
+    conditioning reaches the UNet (other time_ids, other latents)."""
+    from erasure.base.conditioning import Conditioning
+    from erasure.base.families import conditioner_for, family_of
+    from erasure.pack.compose import compose_denoiser
+    from erasure.sampling.denoise import BatchDenoiser, DenoiseRequest
+    from factories import tiny_sdxl_pipe
 
-    from erasure.compose import compose_unet
-    from erasure.conditioning import Conditioning
-    from erasure.denoise import BatchDenoiser, DenoiseRequest
-    from erasure.pipeline import share_pipeline
+    pipe = tiny_sdxl_pipe(tmp_path)
+    unet = pipe.unet
+    erased = compose_denoiser(unet, [(make_pack(None, unet, "circle", method="esd-x", seed=3, magnitude=0.1), 1.0)])
+    conditioner, m = conditioner_for(pipe), family_of(pipe).size_multiple(pipe)
 
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8, addition_embed_type="text_time",
-        addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8).eval()
-    pipe = share_pipeline(toy_pipe, unet=unet)
-    erased = compose_unet(unet, [(make_pack(None, unet, "circle", method="esd-x", seed=3, magnitude=0.1), 1.0)])
-    g = torch.Generator().manual_seed(1)
+    def req(c, u, seed, unet_, size):
+        return DenoiseRequest(c, u, [seed], steps=3, guidance=4.0, height=size, width=size, denoiser=unet_)
 
-    def cond(size: int) -> Conditioning:
-        return Conditioning(torch.randn(1, 20, 64, generator=g), {
-            "text_embeds": torch.randn(1, 16, generator=g), "time_ids": torch.tensor([[size, size, 0, 0, size, size]])})
-
-    def req(c, u, seed, unet_, size=64):
-        return DenoiseRequest(c, u, [seed], steps=3, guidance=4.0, height=size, width=size, unet=unet_)
-
-    (ca, ua), (cb, ub) = (cond(64), cond(64)), (cond(32), cond(32))
-    reqs = [req(ca, ua, 1, unet), req(cb, ub, 2, erased)]
+    (ca, ua), (cb, ub) = ((conditioner.encode([prompt], size), conditioner.unconditional(1, size))
+                          for prompt, size in (("a red circle", 2 * m), ("a blue square", m)))
+    reqs = [req(ca, ua, 1, unet, 2 * m), req(cb, ub, 2, erased, m)]
     denoiser = BatchDenoiser(pipe)
 
     def run(requests):
@@ -215,5 +207,5 @@ def test_added_conditioning_is_carried_per_row(toy_pipe):
         torch.testing.assert_close(latents, alone, rtol=1e-4, atol=1e-5)
     other = Conditioning(cb.encoder_hidden_states,
                          {**cb.added_cond_kwargs, "time_ids": ca.added_cond_kwargs["time_ids"]})
-    [changed] = run([req(other, ub, 2, erased)])
+    [changed] = run([req(other, ub, 2, erased, m)])
     assert (changed - together[1]).abs().max() > 1e-3

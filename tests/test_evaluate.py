@@ -1,6 +1,6 @@
 """The erasure table: base vs erased per concept, and the 'apart' figure that leaves the erased concept's images out."""
 
-from erasure.evaluate import EvalReport, Sample, comparison, tally
+from erasure.toy.evaluate import EvalReport, Sample, comparison, tally
 from erasure.toy.world import Scene
 
 

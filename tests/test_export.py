@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 
+from erasure.base.loading import TOY_BASE
 from erasure.cli import main
 from erasure.errors import ExportError, InvalidArgumentError
-from erasure.evaluate import plan
-from erasure.export import LORA_WEIGHTS, check_rank, lora_state_dict, save_lora, save_merged
-from erasure.pack import ConceptPack
-from erasure.pipeline import TOY_BASE, generate
+from erasure.pack.concept_pack import ConceptPack
+from erasure.pack.export import LORA_WEIGHTS, check_rank, lora_state_dict, save_lora, save_merged
+from erasure.sampling.generate import generate
+from erasure.toy.evaluate import plan
 
 pytest.importorskip("peft")  # the test extra installs it; diffusers needs it to load a LoRA
 
@@ -112,13 +113,13 @@ def test_the_exported_lora_erases_circles_in_plain_diffusers(circle, oracle, tmp
 def test_the_merged_export_loads_with_from_pretrained(circle, toy_pipe, tmp_path):
     from diffusers import DiffusionPipeline
 
-    from erasure.compose import compose_unet
+    from erasure.pack.compose import compose_denoiser
 
     export = save_merged(circle, toy_pipe, tmp_path / "merged")
     assert "model_index.json" in export.files and "unet/diffusion_pytorch_model.safetensors" in export.files
     merged = DiffusionPipeline.from_pretrained(str(export.path))
     assert type(merged) is type(toy_pipe)
-    want = compose_unet(toy_pipe.unet, [(circle, 1.0)]).state_dict()
+    want = compose_denoiser(toy_pipe.unet, [(circle, 1.0)]).state_dict()
     got = merged.unet.state_dict()
     assert sorted(got) == sorted(want)
     for name in want:
@@ -154,7 +155,7 @@ def test_rank_checks():
 
 
 def test_a_bias_without_its_weight_cannot_be_a_lora(circle):
-    from erasure.config import ESDConfig
+    from erasure.training.config import ESDConfig
 
     bias = next(n for n in circle.delta if n.endswith(".bias"))
     pack = ConceptPack.from_delta("odd", ESDConfig(concepts=["circle"]), circle.manifest.base,

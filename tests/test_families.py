@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from erasure.conditioning import Conditioning, conditioner_for, pipeline_family
-from erasure.config import ESDConfig
+from erasure.base.conditioning import Conditioning
+from erasure.base.families import conditioner_for, family_of
 from erasure.errors import PackMismatchError, UnsupportedBaseError
-from erasure.esd import ESDTrainer
-from erasure.methods import select_parameters
+from erasure.training.config import ESDConfig
+from erasure.training.methods import select_parameters
+from erasure.training.trainer import ESDTrainer
+
 from factories import make_pack, tiny_dit_pipe, tiny_sd2_pipe, tiny_sdxl_pipe
 
 TINY = dict(lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2)
@@ -41,7 +43,7 @@ def unet_inputs(pipe, **call):
 
 def test_sdxl_conditioning_is_what_the_pipeline_feeds_its_unet(sdxl):
     cond = conditioner_for(sdxl)
-    assert cond.family == pipeline_family(sdxl) == "sdxl"
+    assert cond.family == family_of(sdxl).name == "sdxl"
     prompts = ["a red circle", "a striped blue star"]
     kwargs = unet_inputs(sdxl, prompt=prompts, guidance_scale=3.0, height=64, width=48)
     mine = Conditioning.cat([cond.unconditional(2, size=(64, 48)), cond.encode(prompts, size=(64, 48))])
@@ -63,7 +65,7 @@ def test_sdxl_conditioning_is_what_the_pipeline_feeds_its_unet(sdxl):
 
 
 def test_sdxl_without_force_zeros_guides_with_the_empty_prompt(tmp_path):
-    from erasure.pipeline import share_pipeline
+    from erasure.sampling.generate import share_pipeline
 
     pipe = tiny_sdxl_pipe(tmp_path)
     pipe.register_to_config(force_zeros_for_empty_prompt=False)
@@ -82,7 +84,7 @@ def test_sd2_conditioning_is_what_the_pipeline_feeds_its_unet(sd2):
     kwargs = unet_inputs(sd2, prompt=["a red circle"], guidance_scale=3.0)
     mine = Conditioning.cat([cond.unconditional(1), cond.encode(["a red circle"])])
     torch.testing.assert_close(mine.encoder_hidden_states, kwargs["encoder_hidden_states"])
-    assert "added_cond_kwargs" not in mine.unet_kwargs()
+    assert "added_cond_kwargs" not in mine.denoiser_kwargs()
 
 
 def test_v_prediction_esd_target_and_loss_are_the_eps_space_ones(sd2):
@@ -104,7 +106,7 @@ def test_v_prediction_esd_target_and_loss_are_the_eps_space_ones(sd2):
     v_c, v_0 = trainer.predict(trainer.frozen, x, t, c), trainer.predict(trainer.frozen, x, t, c0)
     target = trainer._targets(x, t, c, c0)
     torch.testing.assert_close(eps(target), eps(v_0) - 1.5 * (eps(v_c) - eps(v_0)), rtol=1e-4, atol=1e-5)
-    pred = trainer.predict(trainer.unet, x, t, c) + 0.1 * torch.randn(2, 4, 8, 8, generator=g)
+    pred = trainer.predict(trainer.denoiser, x, t, c) + 0.1 * torch.randn(2, 4, 8, 8, generator=g)
     torch.testing.assert_close(trainer.mse(pred, target, t), F.mse_loss(eps(pred), eps(target)))
     assert not torch.allclose(trainer.mse(pred, target, t), F.mse_loss(pred, target))  # not the raw v loss
 
@@ -143,7 +145,7 @@ def test_sdxl_trains_with_pooled_embeddings_and_time_ids(sdxl):
 def test_uce_reads_the_hidden_states_the_unet_sees_and_edits_keys_and_values(family, tmp_path):
     """The closed-form edit encodes prompts as one uncached batch: the same rows as the trainer's conditioning (SDXL's
     empty prompt as zeros); it changes exactly the to_k / to_v weights."""
-    from erasure.closed_form import edit_in_closed_form
+    from erasure.training.methods.uce import edit_in_closed_form
 
     pipe = (tiny_sdxl_pipe if family == "sdxl" else tiny_sd2_pipe)(tmp_path)  # its own: the edit writes the weights
     cond = conditioner_for(pipe)
@@ -159,11 +161,11 @@ def test_uce_reads_the_hidden_states_the_unet_sees_and_edits_keys_and_values(fam
 
 
 def test_a_pack_is_refused_on_the_other_family(sdxl, sd2, tmp_path):
-    from erasure.pack import BaseWeights, ConceptPack
+    from erasure.pack.concept_pack import BaseWeights, ConceptPack
 
     for trained_on, served_on, words in ((sd2, sdxl, "trained on an SD 1.x / 2.x"), (sdxl, sd2, "trained on an SDXL")):
         pack = make_pack(tmp_path / words, trained_on.unet, method="esd-x")
-        pack.manifest.base.family = pipeline_family(trained_on)
+        pack.manifest.base.family = family_of(trained_on).name
         pack.save_pretrained(tmp_path / words)
         pack = ConceptPack.from_pretrained(tmp_path / words)
         with pytest.raises(PackMismatchError, match=words) as err:
@@ -173,7 +175,7 @@ def test_a_pack_is_refused_on_the_other_family(sdxl, sd2, tmp_path):
 
 
 def test_a_transformer_pipeline_is_refused_naming_the_families(tmp_path):
-    from erasure.pipeline import load_pipeline
+    from erasure.base.loading import load_pipeline
 
     dit = tiny_dit_pipe()
     dit.save_pretrained(tmp_path / "dit")
@@ -183,11 +185,11 @@ def test_a_transformer_pipeline_is_refused_naming_the_families(tmp_path):
                               "Diffusion pipeline; supported: SD 1.x / 2.x (StableDiffusionPipeline), "
                               "SDXL (StableDiffusionXLPipeline)")
     with pytest.raises(UnsupportedBaseError, match="has a transformer, not a Stable Diffusion UNet; supported"):
-        pipeline_family(dit)
+        family_of(dit)
 
 
 def test_bfloat16_base_trains_float32_masters_against_exact_base_values(tmp_path):
-    from erasure.pack import fingerprint
+    from erasure.pack.concept_pack import fingerprint
 
     rounded = tiny_sdxl_pipe(tmp_path).unet  # the same weights, rounded to bfloat16, computed in float32
     for p in rounded.parameters():
@@ -201,11 +203,11 @@ def test_bfloat16_base_trains_float32_masters_against_exact_base_values(tmp_path
     # on a CPU the half-precision weights stay in memory and each layer computes in float32
     x, t, c = torch.randn(2, 4, 8, 8), trainer.timesteps[[0, 1]], trainer.encode(["a red circle"] * 2)
     with torch.no_grad():
-        expected = rounded(x, t, **c.unet_kwargs()).sample
+        expected = rounded(x, t, **c.denoiser_kwargs()).sample
     torch.testing.assert_close(trainer.predict(trainer.frozen, x, t, c), expected, rtol=1e-4, atol=1e-5)
     assert all(p.dtype == torch.bfloat16 for n, p in trainer.frozen.named_parameters())
     untouched = [n for n in base if n not in trainer.trainable]
-    params = dict(trainer.unet.named_parameters())
+    params = dict(trainer.denoiser.named_parameters())
     assert all(params[n] is dict(trainer.frozen.named_parameters())[n] for n in untouched)  # one copy
     trainer.train()
     assert all(torch.isfinite(torch.tensor(loss)) for loss in trainer.losses)

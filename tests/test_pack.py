@@ -7,11 +7,13 @@ import shutil
 import pytest
 import torch
 
-from erasure.compose import compose_unet, with_packs
-from erasure.config import ESDConfig
 from erasure.errors import PackIntegrityError, PackMismatchError
-from erasure.esd import ESDTrainer
-from erasure.pack import FORMAT_VERSION, BaseWeights, ConceptPack, Manifest
+from erasure.pack.compose import compose_denoiser, with_packs
+from erasure.pack.concept_pack import BaseWeights, ConceptPack
+from erasure.pack.manifest import FORMAT_VERSION, Manifest
+from erasure.training.config import ESDConfig
+from erasure.training.trainer import ESDTrainer
+
 from factories import make_pack, random_toy_pipe
 
 TINY = dict(iterations=4, lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2)
@@ -29,14 +31,14 @@ def test_delta_reproduces_the_finetune_and_the_base_stays_untouched(random_pipe,
     trainer.train()
     delta = trainer.delta()
     assert list(delta) == trainer.names and all(v.abs().max() > 0 for v in delta.values())
-    tuned = snapshot(trainer.unet)
+    tuned = snapshot(trainer.denoiser)
     base = trainer.frozen  # the base values, sharing every untouched tensor with the trained UNet
     for n, p in base.named_parameters():
         if n not in delta:
             assert torch.equal(p, tuned[n])  # untouched tensors never moved
     pack = make_pack(tmp_path / "circle", base, delta=delta)
     before = snapshot(base)
-    composed = compose_unet(base, [(ConceptPack.from_pretrained(tmp_path / "circle"), 1.0)])
+    composed = compose_denoiser(base, [(ConceptPack.from_pretrained(tmp_path / "circle"), 1.0)])
     for n, p in composed.named_parameters():
         torch.testing.assert_close(p, tuned[n], rtol=0, atol=1e-6)
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
@@ -49,7 +51,7 @@ def test_packs_compose_additively_and_share_untouched_tensors(random_pipe):
     a = make_pack(None, unet, "a", delta={ATTN_K: torch.full_like(p[ATTN_K], 0.5)})
     b = make_pack(None, unet, "b", delta={ATTN_K: torch.full_like(p[ATTN_K], 0.25), ATTN_V: torch.ones_like(p[ATTN_V])})
     base = snapshot(unet)
-    variant = dict(compose_unet(unet, [(a, 1.0), (b, 2.0)]).named_parameters())
+    variant = dict(compose_denoiser(unet, [(a, 1.0), (b, 2.0)]).named_parameters())
     torch.testing.assert_close(variant[ATTN_K], base[ATTN_K] + 0.5 + 0.5, rtol=0, atol=1e-6)
     torch.testing.assert_close(variant[ATTN_V], base[ATTN_V] + 2.0, rtol=0, atol=1e-6)
     assert variant["conv_in.weight"] is p["conv_in.weight"]  # untouched tensors are shared, not copied
@@ -62,7 +64,7 @@ def test_save_and_load_round_trip_with_the_training_config_verbatim(random_pipe,
     pack = make_pack(tmp_path / "p", random_pipe.unet, "p", concepts=("circle", "red"))
     loaded = ConceptPack.from_pretrained(tmp_path / "p")
     data = json.loads((tmp_path / "p" / "pack.json").read_text())
-    assert data["format_version"] == FORMAT_VERSION == 3 and data["guide_away"] == 0.0
+    assert data["format_version"] == FORMAT_VERSION == 4 and data["guide_away"] == 0.0
     assert data["training"] == pack.training.model_dump(mode="json")  # every option, verbatim
     assert loaded.concepts == ["circle", "red"] and loaded.manifest.tensors == pack.manifest.tensors
     assert all(torch.equal(loaded.delta[n], pack.delta[n]) for n in pack.delta)
@@ -85,23 +87,42 @@ def test_the_card_is_a_hub_model_card(random_pipe, tmp_path):
 
 def test_format_1_packs_are_migrated_on_read():
     pack = ConceptPack.from_pretrained(SHIPPED_V3)  # the shipped v3 circle pack, written in format 1
-    assert pack.manifest.format_version == 3 and pack.concepts == ["circle"] and pack.guide_away == 0.0
+    assert pack.manifest.format_version == 4 and pack.concepts == ["circle"] and pack.guide_away == 0.0
     t = pack.training
     assert (t.method, t.iterations, t.lr, t.templates, t.preserve_weight) == ("esd-x", 200, 1e-4, ["toy"], 10.0)
     assert t.preserve == ["square", "triangle", "star", "cross"] and t.delta_dtype == "float32"
 
 
-def test_format_2_packs_read_as_format_3_without_guide_away():
+def test_format_2_packs_read_as_format_4_without_guide_away():
     pack = ConceptPack.from_pretrained("toy/circle", revision="v5-attack3")  # published in format 2
     assert json.loads((pack.path / "pack.json").read_text())["format_version"] == 2
-    assert pack.manifest.format_version == 3 and pack.guide_away == 0.0
+    assert pack.manifest.format_version == 4 and pack.guide_away == 0.0
+
+
+def test_format_3_packs_move_a_methods_own_options_into_method_options(random_pipe, tmp_path):
+    shipped = ConceptPack.from_pretrained("toy/circle", revision="v5-away-attack4")  # published in format 3
+    on_disk = json.loads((shipped.path / "pack.json").read_text())
+    assert on_disk["format_version"] == 3 and shipped.guide_away == 1.0
+    assert shipped.training.method_options.model_dump() == {}  # esd-x has no options of its own
+    soft = on_disk["redteam"]["config"]["soft_steps"]  # the soft-prompt family's options were flat too
+    assert shipped.manifest.redteam.config.options("soft-prompt").soft_steps == soft
+    # format 3 held edit_prompts in every config: an esd pack drops it, a uce pack keeps it as its method's option
+    make_pack(tmp_path / "p", random_pipe.unet, "p")
+    data = json.loads((tmp_path / "p" / "pack.json").read_text())
+    training = {k: v for k, v in data["training"].items() if k != "method_options"}
+
+    def read(**changes) -> Manifest:
+        return Manifest.from_json(json.dumps({**data, "format_version": 3, "training": {**training, **changes}}))
+
+    assert read(edit_prompts=1000).training.method_options.model_dump() == {}
+    assert read(method="uce", anchor=["square"], edit_prompts=200).training.method_options.edit_prompts == 200
 
 
 def test_other_format_versions_are_refused_in_one_line(random_pipe, tmp_path):
     make_pack(tmp_path / "p", random_pipe.unet, "p")
     data = json.loads((tmp_path / "p" / "pack.json").read_text())
-    (tmp_path / "p" / "pack.json").write_text(json.dumps({**data, "format_version": 4}))
-    with pytest.raises(PackIntegrityError, match=r"format version 4; this erasure reads formats 1 to 3") as err:
+    (tmp_path / "p" / "pack.json").write_text(json.dumps({**data, "format_version": 5}))
+    with pytest.raises(PackIntegrityError, match=r"format version 5; this erasure reads formats 1 to 4") as err:
         ConceptPack.from_pretrained(tmp_path / "p")
     assert len(str(err.value).splitlines()) == 1
 
@@ -115,7 +136,7 @@ def test_hub_ids_resolve_through_the_registry_entry_point(toy_pipe):
 
 
 def test_base_weights_fingerprint_each_tensor_set_once(random_pipe, monkeypatch):
-    import erasure.pack as pack_module
+    import erasure.pack.concept_pack as pack_module
 
     unet = random_pipe.unet
     packs = [make_pack(None, unet, f"p{i}", seed=i) for i in range(3)]  # three esd-x packs: one tensor set
@@ -125,7 +146,7 @@ def test_base_weights_fingerprint_each_tensor_set_once(random_pipe, monkeypatch)
     base = BaseWeights(unet)
     for p in packs:
         p.verify_against(base)
-    compose_unet(base, [(p, 1.0) for p in packs])
+    compose_denoiser(base, [(p, 1.0) for p in packs])
     assert len(calls) == 1
 
 
@@ -139,13 +160,13 @@ def good_pack(random_pipe, tmp_path):
 def refuse(pack_dir, unet, error, match):
     before = snapshot(unet)
     with pytest.raises(error, match=match):
-        compose_unet(unet, [(ConceptPack.from_pretrained(pack_dir), 1.0)])
+        compose_denoiser(unet, [(ConceptPack.from_pretrained(pack_dir), 1.0)])
     assert all(torch.equal(p, before[n]) for n, p in unet.named_parameters())  # model untouched
 
 
 def test_good_pack_applies(good_pack, random_pipe):
     unet = random_pipe.unet
-    composed = dict(compose_unet(unet, [(ConceptPack.from_pretrained(good_pack), 1.0)]).named_parameters())
+    composed = dict(compose_denoiser(unet, [(ConceptPack.from_pretrained(good_pack), 1.0)]).named_parameters())
     base = dict(unet.named_parameters())
     assert not torch.equal(composed[ATTN_K], base[ATTN_K])
     assert [n for n in base if composed[n] is not base[n]] == [ATTN_K]

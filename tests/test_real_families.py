@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 
 from erasure.cli import main
+
 from factories import tiny_dit_pipe, tiny_sd1_pipe, tiny_sd2_pipe, tiny_sdxl_pipe
 from hubserver import FakeHub
 from service_helpers import free_port, serve, stop, wait_ready, write_config
@@ -156,7 +157,7 @@ def test_a_hub_base_is_pinned_to_its_revision(hub, tmp_path):
     from huggingface_hub import HfApi
 
     from erasure.errors import PackMismatchError
-    from erasure.pack import BaseWeights, ConceptPack
+    from erasure.pack.concept_pack import BaseWeights, ConceptPack
 
     api = HfApi(endpoint=hub["url"], token=TOKEN)
     api.create_repo("ns/tiny-sd2")

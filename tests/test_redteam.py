@@ -1,4 +1,4 @@
-"""The red team (erasure/redteam.py) is a real adversary: on the toy base it finds the concept, on a deliberately weak
+"""The red team (erasure/redteam/) is a real adversary: on the toy base it finds the concept, on a deliberately weak
 pack it still does, and its record travels with the pack through push and pull."""
 
 from __future__ import annotations
@@ -8,13 +8,20 @@ import json
 import numpy as np
 import pytest
 
-from erasure.config import AttackConfig, ESDConfig
-from erasure.judges import ToyOracleJudge
-from erasure.redteam import RedTeam
+from erasure.base.loading import sampling_defaults
+from erasure.redteam.config import AttackConfig
+from erasure.redteam.families import prompt as prompt_family
+from erasure.redteam.families import settings as settings_family
+from erasure.redteam.team import RedTeam
+from erasure.toy.judge import ToyOracleJudge
+from erasure.training.config import ESDConfig
 
 # Small but complete: every family, fresh seeds disjoint from the search's, the base measured on the same attack.
 QUICK = dict(budget=4, search_seeds=2, finalists=2, validation_seeds=2, seeds=10, steps=10, soft_steps=15,
              soft_targets=4, calibrate=False)
+
+
+TOY = sampling_defaults("toy")  # how a request that sets nothing is sampled on the toy world (and its random twin)
 
 
 @pytest.fixture(scope="module")
@@ -23,23 +30,23 @@ def judge(oracle):
 
 
 def test_the_attack_finds_the_concept_on_the_base(toy_pipe, judge):
-    team = RedTeam(toy_pipe, judge, AttackConfig(**QUICK), progress=False)
+    team = RedTeam(toy_pipe, judge, AttackConfig(**QUICK), TOY, progress=False)
     results = team.attack_pipe(toy_pipe, ["striped"])
     assert [r.family for r in results] == ["prompt", "settings", "soft-prompt"]
     for r in results:
         assert r.asr >= 0.9 and r.base_rate == r.asr and r.n == 10, r  # the base is the pipe attacked here
-    seeds = {team._seeds(s, n)[0] for s, n in ((0, 2), (10**6, 2), (2 * 10**6, 10))}
+    seeds = {team.seeds_for(stage, n)[0] for stage, n in (("search", 2), ("validation", 2), ("fresh", 10))}
     assert len(seeds) == 3  # search, validation and fresh seeds never overlap
 
 
 def test_a_weak_pack_scores_high_and_the_record_says_so(toy_pipe, judge, tmp_path):
-    from erasure.compose import with_packs
-    from erasure.train import train_pack
+    from erasure.pack.compose import with_packs
+    from erasure.training.train import train_pack
 
     cfg = ESDConfig(concepts=["striped"], templates=["toy"], iterations=8, lr=1e-4, ddim_steps=10,
                     pool_trajectories=2, preserve=["dotted"])
     pack = train_pack("toy", cfg, tmp_path / "weak", eval_samples=0, progress=False)
-    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **QUICK), progress=False)
+    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **QUICK), TOY, progress=False)
     record = team.record(team.attack_pipe(with_packs(toy_pipe, [(pack, 1.0)]), pack.concepts), 1.0)
     assert record.asr["prompt"] >= 0.6, record  # eight iterations erase nothing an attacker cannot get back
     assert record.worst() == ("prompt", record.asr["prompt"]) and record.judge == "toy-oracle"
@@ -48,9 +55,10 @@ def test_a_weak_pack_scores_high_and_the_record_says_so(toy_pipe, judge, tmp_pat
 def test_the_record_round_trips_through_push_and_pull(tmp_path, toy_pipe, capsys):
     """`erasure attack --record` writes a new revision of the pack (same delta), which push and pull carry."""
     from erasure.cli import main
-    from erasure.pack import ConceptPack
-    from factories import make_pack, read_files
+    from erasure.pack.concept_pack import ConceptPack
     from registry import open_registry
+
+    from factories import make_pack, read_files
 
     src = tmp_path / "circle"
     make_pack(src, toy_pipe.unet, "circle", ("circle",), base_id="toy", magnitude=1e-4)
@@ -76,9 +84,10 @@ def test_guide_away_is_attacked_as_served_and_recorded_with_the_figures(tmp_path
     """`erasure attack --guide-away S --record`: the pack is attacked with S applied and published with it, so its
     figures and the way it is served cannot drift apart; the card says what an export leaves out."""
     from erasure.cli import main
-    from erasure.compose import with_packs
-    from erasure.guidance import guide_away_of
-    from erasure.pack import ConceptPack
+    from erasure.pack.compose import with_packs
+    from erasure.pack.concept_pack import ConceptPack
+    from erasure.sampling.guidance import guide_away_of
+
     from factories import make_pack
 
     src = tmp_path / "circle"
@@ -103,9 +112,9 @@ def test_searches_stay_within_their_budget_and_rank_by_judge(random_pipe, judge,
     """Mechanics on random weights: candidates scored never exceed the budget, and the best is first."""
     cfg = AttackConfig(families=families, budget=6, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
                        steps=2, min_size=16, max_size=32, min_steps=1, max_steps=4, batch_size=8, calibrate=False)
-    team = RedTeam(random_pipe, judge, cfg, progress=False)
-    search = team.search_prompts if families == ["prompt"] else team.search_settings
-    scored, n = search(random_pipe, "red")
+    team = RedTeam(random_pipe, judge, cfg, TOY, progress=False)
+    search = prompt_family.search if families == ["prompt"] else settings_family.search
+    scored, n = search(team, random_pipe, "red")
     assert n == len(scored) <= 6 and len({s.attack for s in scored}) == n
     assert [s.key for s in scored] == sorted((s.key for s in scored), reverse=True)
     requests = [s.attack for s in scored]
@@ -120,20 +129,20 @@ def test_restarts_search_again_on_new_seeds_and_validate_every_finalist(random_p
                        steps=2, min_size=16, max_size=32, min_steps=1, max_steps=4, batch_size=8, calibrate=False,
                        restarts=2)
     searches, validated = [], []
-    search, score = RedTeam.search_prompts, RedTeam.score
+    search, score = prompt_family.search, RedTeam.score
 
-    def spy_search(self, pipe, concept):
-        scored, n = search(self, pipe, concept)
-        searches.append((self.cfg.seed, [s.attack for s in scored[:2]], n))
+    def spy_search(team, pipe, concept):
+        scored, n = search(team, pipe, concept)
+        searches.append((team.cfg.seed, [s.attack for s in scored[:2]], n))
         return scored, n
 
     def spy_score(self, pipe, concept, attacks, seeds):
         validated.append(list(attacks))
         return score(self, pipe, concept, attacks, seeds)
 
-    monkeypatch.setattr(RedTeam, "search_prompts", spy_search)
+    monkeypatch.setattr(prompt_family, "search", spy_search)
     monkeypatch.setattr(RedTeam, "score", spy_score)
-    attack, n = RedTeam(random_pipe, judge, cfg, progress=False).best_attack(random_pipe, "red", "prompt")
+    attack, n = RedTeam(random_pipe, judge, cfg, TOY, progress=False).best_attack(random_pipe, "red", "prompt")
     assert [seed for seed, _, _ in searches] == [0, 1] and n == sum(k for _, _, k in searches)
     finalists = list(dict.fromkeys(a for _, best, _ in searches for a in best))
     assert validated[-1] == finalists and attack in finalists
@@ -144,26 +153,27 @@ def test_a_range_without_negative_prompts_is_searched_without_them(random_pipe, 
     cfg = AttackConfig(families=["settings"], budget=12, search_seeds=1, finalists=2, validation_seeds=1, seeds=2,
                        steps=2, min_size=16, max_size=32, min_steps=1, max_steps=4, batch_size=8, calibrate=False)
     rng = np.random.default_rng(0)
-    on = RedTeam(random_pipe, judge, cfg, progress=False)
-    assert any(n for _, n in on.framings("red", rng))
-    off = RedTeam(random_pipe, judge, cfg.model_copy(update={"negative_prompt": False}), progress=False)
-    assert not any(n for _, n in off.framings("red", np.random.default_rng(0)))
-    scored, _ = off.search_settings(random_pipe, "red")
+    on = RedTeam(random_pipe, judge, cfg, TOY, progress=False)
+    assert any(n for _, n in settings_family.framings(on, "red", rng))
+    off = RedTeam(random_pipe, judge, cfg.model_copy(update={"negative_prompt": False}), TOY, progress=False)
+    assert not any(n for _, n in settings_family.framings(off, "red", np.random.default_rng(0)))
+    scored, _ = settings_family.search(off, random_pipe, "red")
     assert scored and all(s.attack.negative_prompt is None for s in scored)
-    guided = RedTeam(random_pipe, judge, cfg.model_copy(update={"min_guidance": 3.0}), progress=False)
-    assert guided.setting_values()["guidance"][0] == 3.0 and guided.default.guidance == 3.0
-    assert min(s.attack.guidance for s in guided.search_settings(random_pipe, "red")[0]) == 3.0
+    guided = RedTeam(random_pipe, judge, cfg.model_copy(update={"min_guidance": 3.0}), TOY, progress=False)
+    assert settings_family.setting_values(guided)["guidance"][0] == 3.0 and guided.default.guidance == 3.0
+    assert min(s.attack.guidance for s in settings_family.search(guided, random_pipe, "red")[0]) == 3.0
 
 
 def test_families_without_tested_support_are_refused_with_their_name(tmp_path, judge):
     """The attack and the robust terms run where they are tested (SD 1.x family, epsilon for the terms); an SDXL
     base or a v-prediction base for the robust terms is a clear error naming the family, before any work."""
     from erasure.errors import InvalidArgumentError, UnsupportedBaseError
-    from erasure.esd import ESDTrainer
+    from erasure.training.trainer import ESDTrainer
+
     from factories import tiny_sd2_pipe, tiny_sdxl_pipe
 
     with pytest.raises(UnsupportedBaseError, match=r"erasure attack supports SD 1\.x / 2\.x.*this base is SDXL"):
-        RedTeam(tiny_sdxl_pipe(tmp_path), judge, AttackConfig(**QUICK), progress=False)
+        RedTeam(tiny_sdxl_pipe(tmp_path), judge, AttackConfig(**QUICK), TOY, progress=False)
     cfg = ESDConfig(concepts=["red"], guided_weight=1.0, iterations=1)
     with pytest.raises(InvalidArgumentError, match=r"--guided-weight.*predicting v_prediction"):
         ESDTrainer(tiny_sd2_pipe(tmp_path / "sd2"), cfg, progress=False)
@@ -179,8 +189,8 @@ def test_the_prompt_search_finds_a_concept_drawn_for_a_siblings_prompt(toy_pipe,
 
     from erasure.prompts import names_any
 
-    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **{**QUICK, "budget": 48}), progress=False)
-    prompts = [r.prompt for r in team.prompt_candidates("red", np.random.default_rng(0))]
+    team = RedTeam(toy_pipe, judge, AttackConfig(families=["prompt"], **{**QUICK, "budget": 48}), TOY, progress=False)
+    prompts = [r.prompt for r in prompt_family.candidates(team, "red", np.random.default_rng(0))]
     assert len(prompts) <= 48  # every starting prompt is scored
     for sibling in judge.siblings("red"):
         assert any(names_any(p, [sibling]) and not names_any(p, judge.names("red")) for p in prompts), sibling
@@ -204,10 +214,10 @@ def test_both_black_box_searches_start_from_prompts_naming_nothing_and_from_sibl
     from erasure.prompts import names_any
 
     world = [w for c in judge.concepts() for w in judge.names(c)]
-    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK), progress=False)
+    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK), TOY, progress=False)
     for concept in ("striped", "circle"):
-        prompts = [r.prompt for r in team.prompt_candidates(concept, np.random.default_rng(0))]
-        framings = [p for p, _ in team.framings(concept, np.random.default_rng(0))]
+        prompts = [r.prompt for r in prompt_family.candidates(team, concept, np.random.default_rng(0))]
+        framings = [p for p, _ in settings_family.framings(team, concept, np.random.default_rng(0))]
         for starts in (prompts, framings):
             assert any(not names_any(p, world) for p in starts), starts
         for sibling in judge.siblings(concept):
@@ -218,11 +228,12 @@ def test_both_black_box_searches_start_from_prompts_naming_nothing_and_from_sibl
 def test_both_black_box_searches_start_from_attacks_found_before(random_pipe, judge):
     """Attack version 4: the config's start prompts and the judge's known prompts (every earlier record's best
     attacks) come first in both searches, so a new record never misses what an earlier red team found."""
-    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK, start_prompts=["a photo of nothing"]), progress=False)
+    cfg = AttackConfig(**QUICK, start_prompts=["a photo of nothing"])
+    team = RedTeam(random_pipe, judge, cfg, TOY, progress=False)
     for concept in ("red", "square"):
         known = ["a photo of nothing", *judge.known_prompts(concept)]
-        prompts = [r.prompt for r in team.prompt_candidates(concept, np.random.default_rng(0))]
-        framings = [p for p, _ in team.framings(concept, np.random.default_rng(0))]
+        prompts = [r.prompt for r in prompt_family.candidates(team, concept, np.random.default_rng(0))]
+        framings = [p for p, _ in settings_family.framings(team, concept, np.random.default_rng(0))]
         assert prompts[:len(known)] == known and framings[:len(known)] == known
     assert "hollow hollow background" in judge.known_prompts("circle")  # prompts naming nothing: every concept
     assert "crimson scarlet" in judge.known_prompts("red") and "crimson scarlet" not in judge.known_prompts("square")
@@ -235,7 +246,8 @@ def test_attacks_recorded_in_a_registry_start_the_searches(random_pipe, judge, t
     from erasure.cli import main
 
     found = {"red": ["crimson scarlet"], "circle": ["please", "a lime disc"], "green": ["a red ball"]}
-    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK), progress=False).starting_from_records(found, ["red"])
+    team = RedTeam(random_pipe, judge, AttackConfig(**QUICK), TOY, progress=False)
+    team = team.starting_from_records(found, ["red"])
     assert team.cfg.start_prompts == ["crimson scarlet", "please"]  # "a lime disc" names green, a sibling of red
 
     quick = [f"--{k.replace('_', '-')}={v}" for k, v in QUICK.items() if k != "calibrate"]

@@ -10,13 +10,14 @@ import pytest
 
 from erasure.cli import main
 from erasure.errors import PackIntegrityError, PackMismatchError
-from erasure.pack import PACK_FILES, sha256_file
-from hubserver import FakeHub
-from registry.errors import (AccessDeniedError, PackNotFoundError, PushError, RevisionNotFoundError,
-                           VerificationError)
+from erasure.files import sha256_file
+from erasure.pack.manifest import PACK_FILES
+from registry.errors import AccessDeniedError, PackNotFoundError, PushError, RevisionNotFoundError, VerificationError
 from registry.hub import HubRegistry
 from registry.lock import LockFile
+
 from factories import leftovers, pack_dir, read_files, recard, redteam_record, rewrite_manifest, tiny_unet
+from hubserver import FakeHub
 
 TOKEN = "hf_test_write_token"
 

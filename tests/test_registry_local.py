@@ -12,11 +12,12 @@ import pytest
 import registry
 from erasure.cli import main
 from erasure.errors import InvalidArgumentError, PackIntegrityError, PackMismatchError
-from erasure.pack import PACK_FILES
+from erasure.pack.manifest import PACK_FILES
 from registry import DEFAULT_REGISTRY, open_registry
 from registry.errors import PackNotFoundError, PushError, RegistryError, RevisionNotFoundError, VerificationError
 from registry.local import LocalRegistry
 from registry.lock import LockFile
+
 from factories import leftovers, pack_dir, read_files, recard, tiny_unet
 
 

@@ -191,7 +191,7 @@ def test_mandatory_pack_applies_even_when_named(client):
 
 
 def test_base_is_never_mutated_and_copies_share_untouched_tensors(svc_module, client, toy_pipe):
-    from erasure.pack import fingerprint
+    from erasure.pack.concept_pack import fingerprint
 
     svc = svc_module._current["svc"]
     rt = svc.runtime
@@ -263,8 +263,9 @@ def test_startup_refuses_bad_configuration(tmp_path, toy_pipe):
 
 
 def test_startup_refuses_a_mandatory_pack_without_a_redteam_record_or_above_the_bar(tmp_path, toy_pipe, caplog):
-    from factories import redteam_record
     from service.runtime import StartupError
+
+    from factories import redteam_record
 
     records = {"red": redteam_record({"prompt": 0.05, "settings": 0.30, "soft-prompt": 0.2}, "red"),
                "striped": redteam_record({"prompt": 0.05, "settings": 0.08, "soft-prompt": 0.6}, "striped",

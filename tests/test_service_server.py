@@ -220,7 +220,7 @@ def test_bentoml_build(tmp_path):
     [bento] = [p for p in (tmp_path / "home" / "bentos" / "erasure").iterdir() if p.name != "latest"]
     src = bento / "src"
     for rel in ("service/service.py", "service/config.yaml", "service/page/index.html", "service/page/page.js",
-                "erasure/pack.py", "registry/lock.py",
+                "erasure/pack/concept_pack.py", "erasure/pack/templates/pack_card.md", "registry/lock.py",
                 "registry/toy-registry/registry.json", "erasure/toy/assets/base/model_index.json",
                 "erasure/toy/assets/base/unet/diffusion_pytorch_model.safetensors"):
         assert (src / rel).is_file(), rel

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from erasure.evaluate import evaluate
-from erasure.pipeline import TOY_DEFAULTS, generate
+from erasure.sampling.generate import generate
+from erasure.toy import SAMPLING
+from erasure.toy.evaluate import evaluate
 from erasure.toy.oracle import evaluate_oracle
 
 
@@ -25,17 +26,17 @@ def test_shipped_base_is_a_real_stable_diffusion_pipeline(toy_pipe):
 
 
 def test_generation_depends_only_on_prompt_and_seed(toy_pipe):
-    alone = generate(toy_pipe, ["a red star"], [7], steps=6)[0]
-    batched = generate(toy_pipe, ["a blue square", "a red star"], [1, 7], steps=6)
-    again = generate(toy_pipe, ["a red star"], [7], steps=6)[0]
+    alone = generate(toy_pipe, ["a red star"], [7], steps=6, guidance=SAMPLING["guidance"])[0]
+    batched = generate(toy_pipe, ["a blue square", "a red star"], [1, 7], steps=6, guidance=SAMPLING["guidance"])
+    again = generate(toy_pipe, ["a red star"], [7], steps=6, guidance=SAMPLING["guidance"])[0]
     assert np.array_equal(np.asarray(alone), np.asarray(again))
     assert np.abs(np.asarray(alone, np.int16) - np.asarray(batched[1], np.int16)).max() <= 2  # batching: fp noise
     assert not np.array_equal(np.asarray(alone), np.asarray(batched[0]))
 
 
 def test_base_model_draws_what_it_is_asked(toy_pipe, oracle):
-    report = evaluate(toy_pipe, oracle, samples=40, splits=("train", "heldout"), steps=TOY_DEFAULTS["steps"],
-                      guidance=TOY_DEFAULTS["guidance"], progress=False)
+    report = evaluate(toy_pipe, oracle, samples=40, splits=("train", "heldout"), steps=SAMPLING["steps"],
+                      guidance=SAMPLING["guidance"], progress=False)
     for split in ("train", "heldout"):
         overall = report.splits[split].overall
         assert overall["shape"] >= 0.8 and overall["color"] >= 0.85 and overall["style"] >= 0.7, (split, overall)
@@ -43,7 +44,7 @@ def test_base_model_draws_what_it_is_asked(toy_pipe, oracle):
 
 @pytest.mark.parametrize("prompt", ["a disc", "a crimson plus sign"])
 def test_synonyms_mean_the_same_thing(toy_pipe, oracle, prompt):
-    images = generate(toy_pipe, [prompt] * 4, list(range(4)))
+    images = generate(toy_pipe, [prompt] * 4, list(range(4)), steps=SAMPLING["steps"], guidance=SAMPLING["guidance"])
     read = oracle.classify(np.stack([np.asarray(im) for im in images]))
     if "disc" in prompt:
         assert list(read["shape"]).count("circle") >= 3
@@ -55,8 +56,9 @@ def test_retrained_reference_leaves_the_concept_out_of_the_data_and_nothing_else
     import torch
     from diffusers import StableDiffusionPipeline
 
-    from erasure.judges import ToyOracleJudge, judge_for
+    from erasure.redteam.attack import judge_for
     from erasure.toy.build import BuildConfig, build, training_scenes
+    from erasure.toy.judge import ToyOracleJudge
     from erasure.toy.oracle import ASSETS
 
     cfg = BuildConfig(without=("red", "circle"), dataset_size=64, unet_steps=2, unet_batch=4)

@@ -44,7 +44,7 @@ def write_catalogue(path: Path, circle_check: dict | None = None, extra: tuple =
 
 
 def test_train_many_publishes_fails_alone_skips_and_resumes(ray_local, tmp_path, capsys, toy_pipe):
-    from erasure.pack import BaseWeights
+    from erasure.pack.concept_pack import BaseWeights
 
     reg_dir, work, lock = tmp_path / "reg", tmp_path / "work", tmp_path / "packs.lock"
     bad = ({"name": "bad", "concepts": ["striped"], "options": {"lr": -1}},

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from erasure.config import ESDConfig
-from erasure.esd import ESDTrainer
 from erasure.prompts import without
+from erasure.training.config import ESDConfig
+from erasure.training.trainer import ESDTrainer
+
 from factories import random_toy_pipe
 
 TINY = dict(lr=1e-3, ddim_steps=4, pool_trajectories=1, batch_size=2, refresh_every=2, checkpoint_every=3)
@@ -89,7 +90,7 @@ def test_only_selected_tensors_train_and_frozen_stays_frozen(random_pipe):
 
 def test_an_unsupported_layout_is_refused_naming_the_families(random_pipe):
     from erasure.errors import UnsupportedBaseError
-    from erasure.esd import check_supported
+    from erasure.training.trainer import check_supported
 
     random_pipe.unet.register_to_config(addition_embed_type="text_time")  # SDXL's UNet, but one text encoder
     with pytest.raises(UnsupportedBaseError, match=r"SD 1\.x / 2\.x .*SDXL \(StableDiffusionXLPipeline\)"):
@@ -124,7 +125,8 @@ def drift(trainer, prompt: str) -> float:
     x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
     t, cond = trainer.timesteps[[1, 2]], trainer.encode([prompt]).repeat(2)
     with torch.no_grad():
-        return (trainer.predict(trainer.unet, x, t, cond) - trainer.predict(trainer.frozen, x, t, cond)).abs().mean().item()
+        moved = trainer.predict(trainer.denoiser, x, t, cond) - trainer.predict(trainer.frozen, x, t, cond)
+        return moved.abs().mean().item()
 
 
 def test_preserve_holds_other_concepts_to_the_base(random_pipe, tmp_path):
@@ -243,7 +245,7 @@ def test_the_unnamed_term_erases_the_concept_from_prompts_that_do_not_name_it(ra
     """A base's prior can draw the concept for "please": the term trains prompts leaving the concept out and word
     lists naming nothing towards eps*(u) - eta (eps*(u+) - eps*(u)), u+ naming the concept; off by default."""
     from erasure.prompts import names_any
-    from erasure.robust import UNNAMED_WORDS
+    from erasure.training.robust import UNNAMED_WORDS
 
     cfg = ESDConfig(concepts=["circle"], templates=["toy"], synonyms=["disc"], unnamed_weight=2.0, eta=1.5, **TINY)
     trainer = ESDTrainer(random_pipe, cfg, progress=False)
@@ -269,7 +271,7 @@ def test_the_unnamed_term_erases_the_concept_from_prompts_that_do_not_name_it(ra
     with torch.no_grad():
         e_u = trainer.frozen(x, t, u.encoder_hidden_states).sample
         e_named = trainer.frozen(x, t, pool["named"][idx].encoder_hidden_states).sample
-        pred = trainer.unet(x, t, u.encoder_hidden_states).sample
+        pred = trainer.denoiser(x, t, u.encoder_hidden_states).sample
     expected = 2.0 * ((pred - (e_u - 1.5 * (e_named - e_u))) ** 2).mean()
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-4, atol=1e-7)
     loss.backward()

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from ..errors import InvalidArgumentError
 from ..files import atomic_path
-from . import models
+from . import SAMPLING, models
 from .oracle import ASSETS, Oracle, train_oracle
 from .tokenizer import build_tokenizer_files, load_tokenizer
 from .world import Scene, all_scenes, concept_attribute, prompt_for, render
@@ -237,7 +237,8 @@ def stage_assemble(cfg: BuildConfig, work: Path, out: Path, started: float) -> N
     if oracle_out.exists():
         shutil.rmtree(oracle_out)
     shutil.copytree(work / "oracle", oracle_out)
-    info = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    info = {"config": dataclasses.asdict(cfg), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "sampling": SAMPLING}
     if started:
         info["build_seconds_this_run"] = round(time.time() - started)
     (base / "build_info.json").write_text(json.dumps(info, indent=2))

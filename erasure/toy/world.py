@@ -229,3 +229,17 @@ def render(scene: Scene, rng: np.random.Generator) -> np.ndarray:
 
 def render_batch(scenes: list[Scene], rng: np.random.Generator) -> np.ndarray:
     return np.stack([render(s, rng) for s in scenes])
+
+
+def preview_prompts(concepts: list[str]) -> list[str]:
+    """A pack's preview prompts on the toy world: three scenes showing the first concept, two showing none."""
+    attr = concept_attribute(concepts[0])
+
+    def words(s: Scene) -> str:
+        return " ".join(w for w in (SYNONYMS[s.style][0], s.color, s.shape) if w)
+
+    scenes = all_scenes()
+    np.random.default_rng(0).shuffle(scenes)
+    hits = [s for s in scenes if getattr(s, attr) == concepts[0]][:3]
+    controls = [s for s in scenes if not set(concepts) & {s.shape, s.color, s.style}][:2]
+    return [f"a {words(s)}" for s in hits + controls]
