@@ -79,8 +79,10 @@ def main() -> None:
 
     t0 = time.perf_counter()
     with TestClient(app=svc_mod.ErasureService.to_asgi()) as client:
-        startup = time.perf_counter() - t0
         svc = svc_mod._current["svc"]
+        if not svc.wait_ready():
+            raise SystemExit(f"the service refused to start: {svc.refusal}")
+        startup = time.perf_counter() - t0
         rt = svc.runtime
         names = sorted(n for n in rt.packs if n not in rt.mandatory)
         if len(names) < 3:

@@ -92,6 +92,7 @@ class _Entry(BaseModel):
     tag: str | None = None
     eval_samples: int | None = Field(None, ge=0)
     check: QuickCheck | None = None
+    lock: bool = True
 
 
 class _Header(BaseModel):
@@ -121,6 +122,7 @@ class PackJob:
     eval_samples: int | None
     check: QuickCheck | None
     config_hash: str
+    lock: bool = True  # `train-many --lock` locks it (false: published for its figures, not served)
 
     @property
     def target(self) -> str:
@@ -250,7 +252,7 @@ class Catalogue:
         check = entry.check if "check" in entry.model_fields_set else header.check
         return PackJob(name=entry.name, repo=repo, tag=tag, base=header.base, base_revision=header.base_revision,
                        config=config, eval_samples=eval_samples, check=check,
-                       config_hash=config_hash(header.base, header.base_revision, config))
+                       config_hash=config_hash(header.base, header.base_revision, config), lock=entry.lock)
 
 
 class _BadEntry(Exception):

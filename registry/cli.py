@@ -133,7 +133,11 @@ def cmd_train_many(args) -> None:
                              + (f"; {args.lock} not written" if lock is not None else ""))
     if lock is not None:
         reg = where.open()
+        unlocked = {job.name for job in catalogue.jobs if not job.lock}
         for o in result.outcomes:
+            if o.name in unlocked:  # `lock: false`: published for its figures, not served
+                lock.entries.pop(o.name, None)
+                continue
             repo = o.target.rpartition("@")[0]
             lock.add(o.name, reg.pull(repo, o.commit_sha), reg.source)  # verified again on the way in
         print(f"wrote {lock.save()}")

@@ -179,13 +179,14 @@ class HubRegistry:
                                           cache_dir=self.cache_dir, endpoint=self.endpoint, token=self.token,
                                           local_files_only=cached_only))
 
-    def _cached_snapshot(self, repo: str, revision: str) -> Path:
+    def _cached_snapshot(self, repo: str, revision: str, unreachable: bool = False) -> Path:
         try:
             return self._snapshot(repo, revision, cached_only=True)
         except RegistryError:
+            why = "cannot be reached" if unreachable else "is not used (offline)"
             raise RevisionNotFoundError(f"{repo}@{revision} is not in the cache {self._cache_root()} and "
-                                        f"{self.endpoint} is not used (offline); pull it once online, or pin the "
-                                        "commit sha of a cached pull (packs.lock)") from None
+                                        f"{self.endpoint} {why}; pull it once online, or pin the commit sha of a "
+                                        "cached pull (packs.lock)") from None
 
     def _remote_files(self, repo: str, sha: str) -> dict[str, RemoteFile]:
         """The commit's tree: sizes, LFS sha256 and git blob ids."""
@@ -200,13 +201,13 @@ class HubRegistry:
     def pull(self, repo: str, revision: str = "main", to: Path | None = None, base=None,
              expected_files: dict[str, str] | None = None) -> PulledPack:
         check_repo_id(repo)
-        where, remote = self.endpoint, None
+        where, remote, unreachable = self.endpoint, None, False
         try:
             sha = None if _offline() else self.resolve(repo, revision)
         except _Unreachable:
             if not SHA_RE.match(revision):
                 raise
-            sha = None  # a pinned commit: the cache may serve it, checked against the manifest and the lock
+            sha, unreachable = None, True  # a pinned commit: the cache may serve it, checked as any pull
         if sha is not None:
             remote = self._remote_files(repo, sha)
             check_listing(repo, sha, remote, where)
@@ -215,7 +216,7 @@ class HubRegistry:
                 raise VerificationError(f"{repo}@{revision} moved from {sha[:12]} to {snapshot.name[:12]} while "
                                         "being pulled; refused, pull again")
         else:
-            snapshot = self._cached_snapshot(repo, revision)
+            snapshot = self._cached_snapshot(repo, revision, unreachable)
             where = f"the HF cache {self._cache_root()}"
         try:
             return finish_pull(repo, snapshot.name, snapshot, remote, where, to, base, expected_files)

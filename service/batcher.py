@@ -3,10 +3,15 @@
 One thread owns the model work. Requests wait in a FIFO queue; at every step boundary the batcher admits queued
 requests while the images in flight stay within ``max_batch_size`` (continuous batching: a request joins a running
 batch without waiting for it to finish), encodes their prompts, draws their noise, and advances every request in
-flight one denoising step (``erasure.denoise.BatchDenoiser``: one UNet call per image size, rows of different pack
-sets through ``erasure.mixed.MixedDenoiser``). A finished request is decoded and its future resolved; a cancelled one
-(client gone, timed out) leaves at the next step boundary. When idle, the first request waits up to
-``max_latency_ms`` for company before the batch starts.
+flight one denoising step (``erasure.sampling.denoise.BatchDenoiser``: one UNet call per image size, rows of
+different pack sets through ``erasure.sampling.mixed.MixedDenoiser``). A finished request is decoded and its future
+resolved; a cancelled one (client gone, timed out) leaves at the next step boundary. When idle, the first request
+waits up to ``max_latency_ms`` for company before the batch starts.
+
+Overload is shed, never queued without bound: ``submit`` refuses a request (``Overloaded``, with the seconds after
+which a retry may be admitted) when the images already waiting reach ``max_queue``; a request with a ``deadline``
+that passes before its images are ready leaves the queue or the batch (``DeadlineExceeded``), so every image that is
+served was served within it.
 
 Example:
     >>> batcher = Batcher(pipe, max_batch_size=16, max_latency_ms=5)
@@ -39,6 +44,18 @@ class BatcherClosed(RuntimeError):
     """The service is shutting down; the request was not run."""
 
 
+class Overloaded(RuntimeError):
+    """The queue is full: the request was not admitted. ``retry_after``: seconds until the queue has drained."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed before its images were ready; it left the queue or the batch."""
+
+
 @dataclasses.dataclass(eq=False)
 class Job:
     """One request for the batcher: its settings and pack set's denoiser in, its images out (``future``)."""
@@ -51,9 +68,13 @@ class Job:
     height: int
     width: int
     denoiser: nn.Module | None = None  # the pack set's denoiser (None: the base's)
+    deadline: float | None = None  # time.perf_counter() by which the images must be ready (None: no deadline)
     future: cf.Future = dataclasses.field(default_factory=cf.Future)
     submitted: float = dataclasses.field(default_factory=time.perf_counter)
     cancelled: bool = False
+
+    def late(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
 
     def cancel(self) -> None:
         """Leave the batch at the next step boundary (the client is gone); no result will be set."""
@@ -70,38 +91,75 @@ class BatcherStats:
     completed: int = 0
     cancelled: int = 0
     failed: int = 0
+    shed: int = 0            # refused at admission: the queue was full
+    expired: int = 0         # left the queue or the batch at their deadline
 
 
 class Batcher:
     """Queue, batch formation and the denoising thread (see the module docstring)."""
 
     def __init__(self, pipe, max_batch_size: int = 16, max_latency_ms: float = 5.0, continuous: bool = True,
-                 on_step: Callable[[int], None] | None = None):
+                 on_step: Callable[[int], None] | None = None, max_queue: int | None = None,
+                 on_queue: Callable[[int], None] | None = None):
         # its own pipeline object and tokenizers (SDXL has two): only this thread encodes prompts with them
         self.pipe = share_pipeline(pipe, **{name: copy.deepcopy(module) for name, module in pipe.components.items()
                                             if name.startswith("tokenizer") and module is not None})
         self.batch = BatchDenoiser(self.pipe)
         self.max_batch_size, self.max_latency = max_batch_size, max_latency_ms / 1000
-        self.continuous, self.on_step = continuous, on_step
+        self.continuous, self.on_step, self.on_queue = continuous, on_step, on_queue
+        self.max_queue = 4 * max_batch_size if max_queue is None else max_queue
         self.stats = BatcherStats()
+        self._rate = 0.0  # images finished per second, smoothed: how fast the queue drains
         self._queue: collections.deque[Job] = collections.deque()
         self._cv = threading.Condition()
-        self._closed = False
+        self._closed = self._draining = False
+        self._running = 0  # requests in the batch now
         self._thread = threading.Thread(target=self._run, name="erasure-batcher", daemon=True)
         self._thread.start()
 
     def submit(self, job: Job) -> Job:
+        """Queue ``job``; Overloaded when the images waiting would pass ``max_queue``, BatcherClosed when closing."""
         if len(job.seeds) > self.max_batch_size:
             raise ValueError(f"{len(job.seeds)} images do not fit in a batch of {self.max_batch_size}")
         with self._cv:
-            if self._closed:
+            if self._closed or self._draining:
                 raise BatcherClosed("the service is shutting down")
+            waiting = self.queued_images()
+            if waiting + len(job.seeds) > self.max_queue:
+                self.stats.shed += 1
+                raise Overloaded(f"the service is at capacity ({waiting} images waiting, at most {self.max_queue}); "
+                                 "retry after the time in Retry-After", self.retry_after(waiting))
             self._queue.append(job)
+            self._queued_changed()
             self._cv.notify()
         return job
 
-    def close(self, timeout: float = 10.0) -> None:
-        """Stop after the current step; queued and running requests fail with BatcherClosed."""
+    def _queued_changed(self) -> None:
+        if self.on_queue is not None:
+            self.on_queue(self.queued_images())
+
+    def queued_images(self) -> int:
+        """Images waiting for a batch (not yet started)."""
+        return sum(len(j.seeds) for j in self._queue if not j.cancelled)
+
+    def retry_after(self, waiting: int | None = None) -> float:
+        """Seconds until ``waiting`` images (default: those queued now) have drained, at the recent rate."""
+        waiting = self.queued_images() if waiting is None else waiting
+        return max(1.0, waiting / self._rate) if self._rate > 0 else 1.0
+
+    def close(self, drain: float = 0.0, timeout: float = 10.0) -> None:
+        """Stop admitting; let the requests in flight finish for up to ``drain`` seconds, then stop after the
+        current step: whatever is queued or still running fails with BatcherClosed (never a half result)."""
+        with self._cv:
+            self._draining = True
+            for job in self._queue:
+                if not job.future.done():
+                    job.future.set_exception(BatcherClosed("the service is shutting down"))
+            self._queue.clear()
+            self._cv.notify()
+        end = time.perf_counter() + drain
+        while drain and self._running and time.perf_counter() < end:
+            time.sleep(0.05)
         with self._cv:
             self._closed = True
             self._cv.notify()
@@ -123,6 +181,10 @@ class Batcher:
                     self._cv.wait(wait)
             if running and not self.continuous:
                 return []
+            now = time.perf_counter()
+            for job in [j for j in self._queue if j.late(now)]:  # its deadline passed while it waited
+                self._queue.remove(job)
+                self._expire(job)
             free = self.max_batch_size - sum(track.images for _, track in running)
             admitted = []
             while self._queue and (self._queue[0].cancelled or len(self._queue[0].seeds) <= free):
@@ -132,7 +194,13 @@ class Batcher:
                     continue
                 admitted.append(job)
                 free -= len(job.seeds)
+            self._queued_changed()
             return admitted
+
+    def _expire(self, job: Job) -> None:
+        self.stats.expired += 1
+        if not job.future.done():
+            job.future.set_exception(DeadlineExceeded("the request's deadline passed before its images were ready"))
 
     def _start(self, jobs: list[Job]) -> list[tuple[Job, Track]]:
         if not jobs:
@@ -153,6 +221,13 @@ class Batcher:
                 self._fail([job], exc)
         return started
 
+    def _measure(self, images: int, seconds: float, tracks: list[Track]) -> None:
+        """Smooth the drain rate: images in flight over the time their remaining steps take at this step's pace."""
+        if images and seconds > 0:
+            steps = max(1.0, sum(len(t.timesteps) * t.images for t in tracks) / images)  # a request's steps, mean
+            rate = images / (seconds * steps)
+            self._rate = rate if self._rate == 0 else 0.8 * self._rate + 0.2 * rate
+
     def _fail(self, jobs: list[Job], exc: BaseException) -> None:
         for job in jobs:
             self.stats.failed += 1
@@ -171,8 +246,14 @@ class Batcher:
                 if gone:
                     self.stats.cancelled += len(gone)
                     running = [(j, t) for j, t in running if not j.cancelled]
+                now = time.perf_counter()
+                for job, _ in [(j, t) for j, t in running if j.late(now)]:  # leaves now rather than finish late
+                    self._expire(job)
+                running = [(j, t) for j, t in running if not j.late(now)]
+                self._running = len(running)
                 if not running:
                     continue
+                started = time.perf_counter()
                 tracks = [t for _, t in running]
                 try:
                     self.batch.step(tracks)
@@ -204,6 +285,8 @@ class Batcher:
                         self.stats.completed += 1
                         if not job.future.done():
                             job.future.set_result(images)
+                self._running = len(running)
+                self._measure(sum(t.images for t in tracks), time.perf_counter() - started, tracks)
         with self._cv:
             left = list(self._queue)
             self._queue.clear()

@@ -80,6 +80,10 @@ class ServiceConfig(BaseModel):
         0.10, ge=0, le=1, description="highest attack success a pack's red-team record (`erasure attack --record`) "
         "may show for the families a request can reach (prompt, settings); a pack without a record, above it, or "
         "red-teamed within narrower limits than `limits` is refused at start-up. None: no check")
+    max_attack_gain: float | None = Field(
+        0.10, ge=0, le=1, description="a pack, mandatory or optional, whose red-team record shows an attack a request "
+        "can mount drawing its concept more often than the base does on that same attack, by more than this, is "
+        "refused at start-up (a pack must never make its concept more likely). None: no check")
     redteam_check: Literal["mandatory", "all"] = Field(
         "mandatory", description="which packs `max_attack_success` applies to: the mandatory ones, or all")
     threads: int = Field(4, ge=1, description="requests one worker runs concurrently (BentoML `threads`)")
@@ -100,6 +104,12 @@ class ServiceConfig(BaseModel):
                                                          "it starts a batch")
     continuous: bool = Field(True, description="requests join a running batch at a step boundary; false: a batch "
                                                "runs to its end before the next one forms")
+    max_queue: int | None = Field(None, ge=1, description="images (batching) or requests (batching off) that may "
+                                  "wait for the model; one more is answered 503 with Retry-After, never queued. "
+                                  "None: 4 x max_batch_size images (4 x threads requests)")
+    deadline: float | None = Field(None, gt=0, description="seconds a request may take from its arrival; one whose "
+                                   "images are not ready by then leaves the queue or the batch and is answered 503 "
+                                   "(every image served is served within it). None: only `timeout`")
 
     source_path: Path | None = Field(None, exclude=True, description="(set by load) the file this came from")
 

@@ -54,6 +54,14 @@ GENERATE_HEADERS = {
 }
 
 
+RETRY_HEADERS = {
+    "Retry-After": {"description": "seconds after which a retry may be admitted", "required": True,
+                    "schema": {"type": "integer", "minimum": 1}},
+    "Retry-After-Ms": {"description": "the same in milliseconds", "required": True,
+                       "schema": {"type": "integer", "minimum": 1}},
+}
+
+
 def _error(description: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description,
                            "content": {"application/json": {"schema": {"$ref": REF.format(model=ERROR)}}}}
@@ -143,7 +151,9 @@ def openapi_document(spec: dict[str, Any], *, limits: Limits, size_multiple: int
         op["responses"] = {"200": op["responses"]["200"],
                            "400": _error("The body is not a valid request: `detail` names each field and the fix"),
                            "415": _error("The body is not JSON (send `Content-Type: application/json`)"),
-                           "500": _error("Unexpected server error")}
+                           "500": _error("Unexpected server error"),
+                           "503": _error("Not now: the service is starting, at capacity, past the request's "
+                                         "deadline or shutting down; retry after Retry-After", RETRY_HEADERS)}
         if route in json_out:
             op["responses"]["200"]["content"] = {"application/json": {"schema": json_out[route]}}
         body = op.get("requestBody", {}).get("content", {}).get("application/json")
@@ -160,7 +170,8 @@ def openapi_document(spec: dict[str, Any], *, limits: Limits, size_multiple: int
     paths["/packs"]["get"] = {
         "tags": listing.get("tags", []), "description": listing.get("description", ""),
         "operationId": "erasure__packs_get", "responses": {"200": copy.deepcopy(listing["responses"]["200"]),
-                                                           "500": _error("Unexpected server error")}}
+                                                           "500": _error("Unexpected server error"),
+                                                           "503": _error("The service is starting", RETRY_HEADERS)}}
     paths["/"] = {"get": {"tags": ["Page"], "description": "The operator page (HTML; its data comes from the APIs)",
                           "operationId": "erasure__page",
                           "responses": {"200": {"description": "the page",

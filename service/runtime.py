@@ -3,8 +3,9 @@
 Race-free per-request packs. The base pipeline is loaded once and never mutated afterwards. Each distinct pack set
 (mandatory packs + the ones a request names, sorted) gets its own UNet from
 ``erasure.pack.compose.compose_denoiser``: the copy shares every untouched parameter tensor with the base, only the
-tensors the packs touch are new (for esd-x, the cross-attention weights: ~6 % of the toy UNet). Copies live in a small LRU cache keyed by the pack set and are
-built once under a per-key lock; the sets known at start-up are precomposed and pinned.
+tensors the packs touch are new (for esd-x, the cross-attention weights: ~6 % of the toy UNet). Copies live in a small
+LRU cache keyed by the pack set and are built once under a per-key lock; the sets known at start-up are precomposed
+and pinned.
 
 Generation. With ``batching`` (the default) a request is a job for the batcher (service/batcher.py): one thread
 runs every request in flight through shared UNet calls, each request with its own scheduler, noise and pack-set
@@ -163,7 +164,8 @@ class Runtime:
         if config.batching:
             from .batcher import Batcher
 
-            self.batcher = Batcher(self.pipe, config.max_batch_size, config.max_latency_ms, config.continuous)
+            self.batcher = Batcher(self.pipe, config.max_batch_size, config.max_latency_ms, config.continuous,
+                                   max_queue=config.max_queue)
 
     # --- start-up -----------------------------------------------------------------------------------------------
 
@@ -218,9 +220,24 @@ class Runtime:
                                    source=source)
             logger.info("pack %r verified: %s@%s (%s, %s)", name, pulled.repo, pulled.commit_sha[:12],
                         pack.manifest.method, ", ".join(pack.manifest.concepts))
+            self._check_gain(name, pack)
             if cfg.max_attack_success is not None and (cfg.redteam_check == "all" or name in cfg.mandatory):
                 self._check_redteam(name, pack)
         return out
+
+    def _check_gain(self, name: str, pack: ConceptPack) -> None:
+        """Fail closed on any pack whose record shows it drawing its concept more often than the base does, on an
+        attack a request can mount, by more than ``max_attack_gain``."""
+        record, margin = pack.manifest.redteam, self.config.max_attack_gain
+        if record is None or margin is None:
+            return
+        worse = record.amplified(margin, reachable_families())
+        if worse:
+            r = max(worse, key=lambda f: f.asr - f.base_rate)
+            raise StartupError(f"pack {name!r}: draws {r.concept} more often than the base: {r.asr:.0%} vs the "
+                               f"base's {r.base_rate:.0%} on its {r.family} attack {record.attack_text(r)} "
+                               f"(+{100 * (r.asr - r.base_rate):.0f} points, above max_attack_gain "
+                               f"{100 * margin:.0f}); drop it from the lock or retrain it")
 
     def _check_redteam(self, name: str, pack: ConceptPack) -> None:
         """Fail closed unless the pack's red-team record covers what a request can set and every family a
@@ -289,18 +306,26 @@ class Runtime:
         return share_pipeline(base, denoiser=denoiser, scheduler=scheduler, **self._tokenizers())
 
     def submit(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
-               width: int, height: int, seeds: list[int]):
+               width: int, height: int, seeds: list[int], deadline: float | None = None):
         """Queue a request for the batcher (``batching: true``): the job (its ``future`` gives the images) and
-        whether this call composed its pack set. Image i depends only on this request (see service/README.md)."""
-        from .batcher import Job
+        whether this call composed its pack set. Image i depends only on this request (see service/README.md).
+        ``deadline``: the ``time.perf_counter()`` by which its images must be ready. Overloaded when the queue is
+        full (nothing is composed for a refused request)."""
+        from .batcher import Job, Overloaded
 
+        batcher = self.batcher
+        if batcher.queued_images() + len(seeds) > batcher.max_queue:  # before composing anything for it
+            batcher.stats.shed += 1
+            raise Overloaded(f"the service is at capacity ({batcher.queued_images()} images waiting, at most "
+                             f"{batcher.max_queue}); retry after the time in Retry-After", batcher.retry_after())
         denoiser, built = self.cache.get(key)
-        job = Job(prompt, negative_prompt, list(seeds), steps, guidance, height, width, denoiser)
-        return self.batcher.submit(job), built
+        job = Job(prompt, negative_prompt, list(seeds), steps, guidance, height, width, denoiser, deadline)
+        return batcher.submit(job), built
 
-    def close(self) -> None:
+    def close(self, drain: float = 0.0) -> None:
+        """Stop the batcher; requests in flight get up to ``drain`` seconds to finish."""
         if self.batcher is not None:
-            self.batcher.close()
+            self.batcher.close(drain=drain)
 
     def generate(self, key: PackSet, prompt: str, negative_prompt: str | None, steps: int, guidance: float,
                  width: int, height: int, seeds: list[int]) -> tuple[list, bool]:

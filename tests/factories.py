@@ -214,17 +214,20 @@ def tiny_dit_pipe():
     return DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler())
 
 
-def redteam_record(asr: dict[str, float], concept: str = "circle", prompt: str | None = None, **config):
+def redteam_record(asr: dict[str, float], concept: str = "circle", prompt: str | None = None,
+                   base_rate: dict[str, float] | None = None, **config):
     """A red-team record with these attack success rates (what `erasure attack --record` writes), for tests of
-    what reads it; figures are given, not measured. Every family's attack is ``prompt`` (default "a CONCEPT")."""
+    what reads it; figures are given, not measured. Every family's attack is ``prompt`` (default "a CONCEPT"); the
+    base's rate on it is ``base_rate[family]`` (default 1.0)."""
+    base_rate = {f: (base_rate or {}).get(f, 1.0) for f in asr}
     import datetime as dt
 
     from erasure.redteam.config import AttackConfig
     from erasure.redteam.record import AttackFigure, RedTeamRecord
 
-    results = [AttackFigure(family=f, concept=concept, asr=a, base_rate=1.0, calibration=1.0, n=64,
+    results = [AttackFigure(family=f, concept=concept, asr=a, base_rate=base_rate[f], calibration=1.0, n=64,
                             attack={"prompt": prompt or f"a {concept}"}, candidates=64, seconds=1.0)
                for f, a in asr.items()]
     return RedTeamRecord(attack_version=1, judge="toy-oracle", config=AttackConfig(**config), asr=dict(asr),
-                         base_rate={f: 1.0 for f in asr}, results=results, seconds=1.0,
+                         base_rate=base_rate, results=results, seconds=1.0,
                          created_at=dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc))

@@ -87,8 +87,8 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def wait_ready(proc: subprocess.Popen, url: str, log: Path, timeout: float = 300) -> None:
-    """Until ``url``'s /readyz answers 200; raises RuntimeError with the log's tail if the server exits, refuses to
-    start (BentoML restarts a worker that failed closed, so the process stays up) or times out."""
+    """Until ``url``'s /readyz answers 200; raises RuntimeError with the log's tail if the server exits (a refusal
+    to start makes it exit with status 3), refuses to start or times out."""
     import httpx
 
     deadline = time.time() + timeout

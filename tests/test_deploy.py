@@ -73,7 +73,7 @@ def test_the_configmap_carries_the_service_lock_and_a_valid_config():
     assert (K8S / "packs.lock").read_bytes() == (REPO / "service" / "packs.lock").read_bytes()
     cfg = ServiceConfig.load(K8S / "config.yaml", env={})
     assert cfg.device == "cuda" and cfg.resolve_path(cfg.lock) == K8S / "packs.lock" and cfg.auth.enabled
-    assert sorted(LockFile.load(K8S / "packs.lock").entries) == ["circle", "red", "square", "striped"]
+    assert sorted(LockFile.load(K8S / "packs.lock").entries) == ["circle", "square", "striped"]
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert kustomization["resources"] == list(RESOURCES)
     [generator] = kustomization["configMapGenerator"]
@@ -160,6 +160,9 @@ def test_two_workers_serve_the_same_packs_and_the_same_bytes(tmp_path, toy_pipe)
 
     def generate(_):
         r = httpx.post(f"{url}/generate", json=body, timeout=120)
+        while r.status_code == 503 and "starting" in r.text:  # this worker is still loading: retry, as a client does
+            time.sleep(0.5)
+            r = httpx.post(f"{url}/generate", json=body, timeout=120)
         assert r.status_code == 200, r.text
         return r.headers["x-erasure-worker"], r.headers["x-erasure-pack-shas"], r.content
 

@@ -399,3 +399,44 @@ def test_a_concurrent_commit_is_never_overwritten(reg, hub, pack, tmp_path, unet
     v2 = reg.push(pack_dir(tmp_path / "v2b", unet, seed=2), "ns/circle", tag="v2")  # a retry sees the new head
     assert hub.history("ns/circle")[:2] == [v2.commit_sha, other["sha"]]
     assert "notes.txt" not in hub.repos["ns/circle"].commits[v2.commit_sha].files
+
+
+def test_a_service_starts_from_its_verified_cache_when_the_hub_is_down(hub, hf, reg, tmp_path, toy_pipe,
+                                                                       monkeypatch):
+    """Registry outage: packs pulled once start the service from the HF cache when the Hub cannot be reached (not
+    offline mode: the Hub is simply down), every file checked against the lock again; a cached file that changed is
+    refused; with no cache the refusal is one line naming the registry and the pack."""
+    from huggingface_hub import constants
+
+    from factories import make_pack
+    from service.config import ServiceConfig
+    from service.runtime import Runtime, StartupError
+    from service_helpers import write_config
+
+    src = tmp_path / "src" / "circle"
+    make_pack(src, toy_pipe.unet, "circle", base_id="toy")
+    reg.push(src, "ns/circle", tag="v1")
+    lock = LockFile(tmp_path / "packs.lock")
+    lock.add("circle", reg.pull("ns/circle", "v1"), hub.url)  # the pull fills the cache
+    lock.save()
+    config = ServiceConfig.load(write_config(tmp_path / "c.yaml", lock.path, batching=False, precompose=False))
+
+    hub.stop()
+    assert not constants.HF_HUB_OFFLINE
+    rt = Runtime(config)
+    assert rt.packs["circle"].sha == lock.entries["circle"].revision
+
+    [cached] = (hf / "models--ns--circle" / "snapshots").iterdir()
+    delta = (cached / "delta.safetensors").resolve()
+    data = bytearray(delta.read_bytes())
+    data[200] ^= 1
+    delta.write_bytes(bytes(data))
+    with pytest.raises(StartupError, match=r"pack 'circle': .*delta\.safetensors"):
+        Runtime(config)
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(StartupError) as err:
+        Runtime(config)
+    message = str(err.value)
+    assert len(message.splitlines()) == 1 and "pack 'circle'" in message and hub.url in message
+    assert "cannot be reached" in message

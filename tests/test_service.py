@@ -60,6 +60,8 @@ def client(svc_module):
     from starlette.testclient import TestClient
 
     with TestClient(app=svc_module.ErasureService.to_asgi()) as c:
+        svc = svc_module._current["svc"]
+        assert svc.wait_ready(120), svc.refusal  # start-up runs in a thread: the probes answer meanwhile
         yield c
 
 
@@ -344,3 +346,25 @@ def test_page_document_and_guard_without_access_control(client):
     for route in ("/generate", "/generate_json", "/packs"):
         r = client.post(route, content=b'{"prompt": "x"}', headers={"content-type": "multipart/form-data"})
         assert r.status_code == 415, (route, r.text)
+
+
+def test_startup_refuses_any_pack_that_makes_its_concept_more_likely(tmp_path, toy_pipe):
+    """A pack must never make its concept more likely: one whose record shows an attack a request can mount drawing
+    the concept more often than the base by more than max_attack_gain is refused, mandatory or optional; a white-box
+    figure (the soft prompt is optimised on the pack) does not count."""
+    from service.runtime import StartupError
+
+    from factories import redteam_record
+
+    records = {"red": redteam_record({"prompt": 0.5, "settings": 0.1}, "red", "hollow hollow background",
+                                     base_rate={"prompt": 0.2, "settings": 0.1}),
+               "circle": redteam_record({"prompt": 0.05, "settings": 0.0, "soft-prompt": 0.9}, "circle",
+                                        base_rate={"prompt": 0.1, "settings": 0.0, "soft-prompt": 0.1})}
+    lock = make_world(tmp_path, toy_pipe.unet, packs={"circle": ("circle",), "red": ("red",)}, redteam=records)
+    with pytest.raises(StartupError) as err:
+        _runtime(write_config(tmp_path / "a.yaml", lock, max_attack_gain=0.1))  # red is only optional here
+    assert str(err.value) == ("pack 'red': draws red more often than the base: 50% vs the base's 20% on its prompt "
+                              "attack `hollow hollow background` (+30 points, above max_attack_gain 10); drop it "
+                              "from the lock or retrain it")
+    assert _runtime(write_config(tmp_path / "b.yaml", lock, max_attack_gain=0.35)).packs["red"]
+    assert _runtime(write_config(tmp_path / "c.yaml", lock, max_attack_gain=None)).packs["circle"]

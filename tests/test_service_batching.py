@@ -45,6 +45,7 @@ def served(tmp_path_factory, toy_pipe):
     try:
         with TestClient(app=app) as client:
             svc = module._current["svc"]
+            assert svc.wait_ready(120), svc.refusal
             assert svc.runtime.batcher is not None
             yield {"client": client, "app": app, "svc": svc, "rt": svc.runtime}
     finally:
@@ -202,3 +203,39 @@ def test_requests_join_a_running_batch_only_when_continuous(toy_pipe, continuous
         assert short.future.result()[0].size == (32, 32)
     finally:
         batcher.close()
+
+
+def test_overload_is_shed_with_retry_after_and_the_queue_stays_bounded(served):
+    """A burst beyond ``max_queue`` (images waiting for a batch): the requests over it are answered 503 at once with
+    Retry-After (seconds) and Retry-After-Ms, never queued; the admitted ones are served (/metrics, which carries
+    the shed count and the queue depth, is checked on a real server: tests/test_service_server.py)."""
+    rt, client, batcher = served["rt"], served["client"], served["rt"].batcher
+    old = batcher.max_queue
+    batcher.max_queue = 2
+    try:
+        shed_before = batcher.stats.shed
+        responses = burst(client, [body(i, steps=12) for i in range(16)])
+    finally:
+        batcher.max_queue = old
+    codes = [r.status_code for r in responses]
+    assert set(codes) == {200, 503} and codes.count(503) == batcher.stats.shed - shed_before, codes
+    for r in responses:
+        if r.status_code == 503:
+            assert "at capacity" in r.json()["error"] and int(r.headers["retry-after"]) >= 1
+            assert int(r.headers["retry-after-ms"]) >= 1
+
+
+def test_a_request_past_its_deadline_leaves_and_is_a_503(served):
+    """``deadline``: a request whose images cannot be ready in time leaves the queue or the batch and is answered
+    503 (no image is served late); one that fits is served."""
+    svc, client = served["svc"], served["client"]
+    old = svc.config
+    svc.config = old.model_copy(update={"deadline": 0.3})
+    try:
+        late = client.post("/generate", json=body(0, steps=50))
+        svc.config = old.model_copy(update={"deadline": 60.0})
+        in_time = client.post("/generate", json=body(1))
+    finally:
+        svc.config = old
+    assert late.status_code == 503 and "within its deadline (0.3 s)" in late.json()["error"], late.text
+    assert int(late.headers["retry-after"]) >= 1 and in_time.status_code == 200

@@ -90,7 +90,7 @@ def test_the_served_document_is_this_deployments(secured_server):
     assert p["steps"]["maximum"] == cfg.limits.max_steps == 8
     assert p["width"]["maximum"] == cfg.limits.max_size == 64 and p["width"]["multipleOf"] == 16
     assert p["num_images"]["maximum"] == cfg.limits.max_images and p["prompt"]["maxLength"] == 100
-    assert p["packs"]["items"]["enum"] == ["circle", "red", "square", "striped"]
+    assert p["packs"]["items"]["enum"] == ["circle", "square", "striped"]
     assert doc.json()["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]  # protect_metrics
 
 

@@ -114,18 +114,19 @@ def test_bad_input_shows_the_servers_message(page, secured_server):
 def test_grid_packs_by_seeds(page, secured_server):
     enter_key(page, secured_server["keys"]["operator"])
     page.check("#pack-circle")
-    page.check("#pack-red")
+    page.check("#pack-square")
     page.check("input[name=mode][value=grid]")
     page.fill("#grid-seeds", "2")
     page.fill("#steps", "2")
     page.click("#generate")
     page.wait_for_function("document.querySelectorAll('table.grid img').length === 8", timeout=60_000)
     rows = page.eval_on_selector_all("table.grid tr", "rows => rows.map(r => r.querySelector('th').innerText)")
-    assert rows[1:] == ["mandatory only", "+ circle", "+ red", "+ circle + red"]
+    assert rows[1:] == ["mandatory only", "+ circle", "+ square", "+ circle + square"]
     grid = images(page, "table.grid img")
     assert len(set(grid)) == 8  # every pack set and seed draws its own image
     packs = page.eval_on_selector_all("table.grid img", "els => els.map(e => e.dataset.packs)")
-    assert packs == ["striped"] * 2 + ["circle,striped"] * 2 + ["red,striped"] * 2 + ["circle,red,striped"] * 2
+    assert packs == (["striped"] * 2 + ["circle,striped"] * 2 + ["square,striped"] * 2
+                     + ["circle,square,striped"] * 2)
     assert page.inner_text("#progress-text") == "8 / 8 image(s)" and "done" in page.inner_text("#status")
 
 
@@ -135,28 +136,28 @@ def pct(x: float) -> str:
 
 def test_red_team_records_are_shown_next_to_their_packs(browser, secured_server):
     """Each pack's red-team record in /packs renders next to it, worst family first, then every family's rate; a
-    pack without one (here: red's record taken out of the real listing on its way to the page) shows none."""
+    pack without one (here: square's record taken out of the real listing on its way to the page) shows none."""
     key = secured_server["keys"]["operator"]
     listing = httpx.get(secured_server["url"] + "/packs", headers={"Authorization": f"Bearer {key}"}).json()["packs"]
     assert all(p["redteam"] is not None for p in listing)  # every shipped pack carries its record
     page = browser.new_page()
 
-    def without_red_record(route):
+    def without_square_record(route):
         response = route.fetch()
         if response.status != 200:  # the first call, before the key is entered: 401 as it is
             return route.fulfill(response=response)
         body = response.json()
         for p in body["packs"]:
-            if p["name"] == "red":
+            if p["name"] == "square":
                 p["redteam"] = None
         route.fulfill(response=response, json=body)
 
-    page.route("**/packs", without_red_record)
+    page.route("**/packs", without_square_record)
     page.goto(secured_server["url"] + "/")
     enter_key(page, key)
-    assert "red-team" not in page.inner_text("#pack-red-meta")
+    assert "red-team" not in page.inner_text("#pack-square-meta")
     for p in listing:
-        if p["name"] == "red":
+        if p["name"] == "square":
             continue
         meta, record = page.inner_text(f"#pack-{p['name']}-meta"), p["redteam"]
         worst = (f"red-team: {pct(record['attack_success_rate'])} attack success ({record['attack']}), "

@@ -52,6 +52,11 @@ class RedTeamRecord(BaseModel):
         items = [(f, a) for f, a in self.asr.items() if families is None or f in families]
         return max(items, key=lambda fa: fa[1]) if items else ("", 0.0)
 
+    def amplified(self, margin: float, families=None) -> list[AttackFigure]:
+        """The attacks (of ``families``, default all) on which the pack draws its concept more often than the base
+        by more than ``margin``: the pack makes its concept *more* likely there."""
+        return [r for r in self.results if (families is None or r.family in families) and r.asr - r.base_rate > margin]
+
     def attack_prompts(self, concept: str | None = None) -> list[str]:
         """The prompts of the black-box attacks this record found (on ``concept``, default all): what a new record
         starts from."""
