@@ -35,7 +35,7 @@ from erasure.base.families import conditioner_for  # noqa: E402
 from erasure.base.loading import load_pipeline  # noqa: E402
 from erasure.pack.compose import with_packs  # noqa: E402
 from erasure.pack.concept_pack import load_packs  # noqa: E402
-from erasure.sampling.guidance import GuideAway, PackSetGuidance  # noqa: E402
+from erasure.sampling.guidance import Away, GuideAway, PackSetGuidance  # noqa: E402
 from erasure.toy.judge import ToyOracleJudge  # noqa: E402
 
 # Prompts naming no concept of the toy world: the red team's best attacks on the v5 packs ("one", "of", "small",
@@ -51,7 +51,7 @@ def sample(pipe, base_denoiser, prompts: list[str], concept: str, shift: float, 
     relative to each prompt instead of the empty one (see the module docstring)."""
     cond, n = conditioner_for(pipe), len(prompts)
     rows = Conditioning.cat([cond.unconditional(n), cond.encode(prompts)])
-    away = GuideAway(pipe, PackSetGuidance(((concept, shift),), base_denoiser))
+    away = GuideAway(pipe, PackSetGuidance((Away(concept, shift),), base_denoiser))
     relative = Conditioning.cat([cond.encode([f"{p} {concept}".strip() for p in prompts]), cond.encode(prompts)])
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
     scheduler.set_timesteps(steps)
@@ -67,7 +67,7 @@ def sample(pipe, base_denoiser, prompts: list[str], concept: str, shift: float, 
             e_c, e_b = base_denoiser(torch.cat([x_t] * 2), t, **relative.denoiser_kwargs()).sample.chunk(2)
             e = e - shift * (e_c - e_b)
         elif shift:
-            e = e - away.shift(scheduler.scale_model_input(x, t), t, (size, size))
+            e = e - away.shift(scheduler.scale_model_input(x, t), t, (size, size), None)
         x = scheduler.step(e, t, x).prev_sample
     images = pipe.vae.decode(x / pipe.vae.config.scaling_factor).sample
     return pipe.image_processor.postprocess(images, output_type="pil")

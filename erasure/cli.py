@@ -20,6 +20,7 @@ from .errors import ErasureError, InvalidArgumentError
 
 TOY_ASSETS = Path(__file__).parent / "toy" / "assets"
 COMMANDS_GROUP = "erasure.cli"
+GAIN_FLAG = 0.10  # `erasure attack` flags a pack drawing its concept this much more often than the base
 
 
 class _Parser(argparse.ArgumentParser):
@@ -212,8 +213,15 @@ def cmd_train(args) -> None:
 def cmd_export(args) -> None:
     from .pack.export import export_pack
 
+    measure = None
+    if args.attack:
+        from .redteam.attack import export_attacker
+
+        measure = export_attacker()
     export = export_pack(args.pack, args.format, args.out, rank=args.rank, biases=args.biases, base=args.base,
-                         revision=args.revision)
+                         revision=args.revision, measure=measure)
+    for warning in export.warnings:
+        print(f"erasure: warning: {warning}", file=sys.stderr)
     if export.lora is not None:
         lora = export.lora
         biases = ("bias deltas in lora_B.bias" if lora.config["lora_bias"]
@@ -223,6 +231,9 @@ def cmd_export(args) -> None:
     else:
         print(f"wrote pipeline {export.base} + pack {export.pack!r} to {export.path}: "
               f"{len(export.files)} files, {export.size_bytes / 1e6:.1f} MB")
+    if export.redteam is not None:
+        print("the export attacked as exported (in its card): " + ", ".join(
+            f"{f} {a:.0%} (base {export.redteam.base_rate[f]:.0%})" for f, a in export.redteam.asr.items()))
 
 
 def cmd_attack(args) -> None:
@@ -236,6 +247,7 @@ def cmd_attack(args) -> None:
     from transformers.utils import logging as transformers_logging
 
     from .redteam.attack import attack
+    from .redteam.families import reachable_families
     from .redteam.report import print_records
 
     for lib in (diffusers_logging, transformers_logging):  # a refusal below stays one line: no loading chatter
@@ -247,6 +259,10 @@ def cmd_attack(args) -> None:
     for name, rec in records.items():
         print(f"{name}: ASR " + ", ".join(f"{f} {a:.0%} (base {rec.base_rate[f]:.0%})" for f, a in rec.asr.items())
               + f"; {rec.seconds:.0f} s")
+        for r in rec.amplified(GAIN_FLAG, reachable_families()) if name != "(base)" else []:
+            print(f"{name}: MAKES {r.concept.upper()} MORE LIKELY: {r.asr:.0%} vs the base's {r.base_rate:.0%} on "
+                  f"its {r.family} attack {rec.attack_text(r, markdown=False)}; a service refuses it "
+                  "(max_attack_gain)", file=sys.stderr)
     if json_out:
         json_out.write_text(json.dumps({n: r.model_dump(mode="json") for n, r in records.items()}, indent=2))
         print(f"wrote {json_out}")
@@ -361,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="base pipeline: 'toy', a directory or a Hub id (default: the pack's own base; a LoRA needs "
                         "none, and one given is checked against the pack)")
     p.add_argument("--revision", default=None, help="Hub revision of --base")
+    p.add_argument("--attack", action="store_true",
+                   help="red-team the export as plain diffusers runs it (the attack of the pack's own record) and put "
+                        "its figures in the export's card; a pack's sampling-time guidance is not in an export")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("attack", help="red-team packs: try to bring their erased concepts back",

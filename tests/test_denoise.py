@@ -106,6 +106,26 @@ def test_a_guided_away_request_alone_is_the_pipeline(toy_pipe, world):
     assert np.abs(pixels([image])[0] - pixels([plain])[0]).max() > 20
 
 
+@pytest.mark.parametrize("until,reference", [(0.4, "base"), (1.0, "pack"), (0.4, "pack")])
+def test_guide_away_until_and_its_reference_are_the_same_in_both_paths(toy_pipe, world, until, reference):
+    """``guide_away_until`` (the shift on the noisiest steps only) and the ``pack`` reference (the pack set's own
+    unconditional prediction for eps(x, "")): the batched loop and the pipeline hook agree within a pixel, a negative
+    prompt falls back to the base's eps(x, ""), and the image differs from the full guidance."""
+    from erasure.pack.compose import compose_denoiser
+    from erasure.sampling.denoise import denoise
+
+    pack = make_pack(None, toy_pipe.unet, "red", concepts=("red",), method="esd-x", seed=3)
+    pack.manifest.guide_away, pack.manifest.guide_away_until, pack.manifest.guide_away_reference = 1.5, until, reference
+    unet = compose_denoiser(toy_pipe.unet, [(pack, 1.0)])
+    world = {**world, "unets": {**world["unets"], "variant": unet}}
+    for negative in (None, "a blue square"):
+        [[image]] = denoise(toy_pipe, [request(world, "one", [3], "variant", negative)])
+        expected = pipeline_image(toy_pipe, unet, "one", 3, negative)
+        assert np.abs(pixels([image])[0] - pixels([expected])[0]).max() <= 1, negative
+    variant, full = (pipeline_image(toy_pipe, u, "one", 3) for u in (unet, world["unets"]["away"]))
+    assert np.abs(pixels([variant])[0] - pixels([full])[0]).max() > 0  # not the full guidance from the base
+
+
 def test_a_pack_sets_guidance_is_encoded_once_per_denoiser(toy_pipe, world):
     from erasure.sampling.denoise import BatchDenoiser
 

@@ -212,3 +212,32 @@ def test_cli_exports_a_registry_pack(capsys, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]  # no temporary directory left beside it
     card = (tmp_path / "lora" / "README.md").read_text()
     assert "lora" in card and "concept-erasure" in card and "rank 4" in card
+
+
+def test_a_pack_guided_at_sampling_time_exports_with_a_warning_and_its_own_attack_figures(capsys, tmp_path):
+    """A pack whose protection is partly sampling-time guidance (guide_away) exports its weights only: the CLI warns,
+    the card's metadata says the guidance is not carried, and `--attack` red-teams the export itself (not the pack)
+    and puts those figures in its card, beside the pack's record."""
+    import yaml
+
+    from erasure.pack.export import export_pack
+    from erasure.redteam.attack import export_attacker
+    from erasure.redteam.config import AttackConfig
+
+    code = main(["export", "toy/circle@v5-away-attack4", "--format", "lora", "--rank", "4", "--out",
+                 str(tmp_path / "plain")])
+    err = capsys.readouterr().err
+    assert code == 0 and "erasure: warning: pack 'circle' also guides every image away from circle" in err, err
+    meta = yaml.safe_load((tmp_path / "plain" / "README.md").read_text().split("---")[1])
+    assert meta["erasure"]["sampling_guidance_carried"] is False and meta["erasure"]["guide_away_not_carried"] == 1.0
+
+    quick = AttackConfig(families=["prompt"], budget=4, search_seeds=2, finalists=2, validation_seeds=2, seeds=8,
+                         steps=10, calibrate=False, min_steps=8, min_size=64, max_size=64, min_guidance=3.0,
+                         max_guidance=7.5, negative_prompt=False)
+    export = export_pack("toy/circle@v5-away-attack4", "lora", tmp_path / "attacked", rank=4,
+                         measure=export_attacker(quick, progress=False))
+    record = export.redteam
+    assert record is not None and record.config.guide_away == 0.0 and set(record.asr) == {"prompt"}
+    card = (tmp_path / "attacked" / "README.md").read_text()
+    assert "## Red team of this export" in card and f"{record.asr['prompt']:.0%}" in card
+    assert yaml.safe_load(card.split("---")[1])["erasure"]["attacked"] is True

@@ -98,7 +98,8 @@ def test_guide_away_is_attacked_as_served_and_recorded_with_the_figures(tmp_path
     pack = ConceptPack.from_pretrained(src)
     assert pack.guide_away == 2.0 and pack.manifest.redteam.config.guide_away == 2.0
     assert "guided away from `circle` by 2.0" in (src / "README.md").read_text().replace("\n", " ")
-    assert guide_away_of(with_packs(toy_pipe, [(pack, 0.5)]).unet).pairs == (("circle", 1.0),)  # times the scale
+    assert [(a.concept, a.scale) for a in guide_away_of(with_packs(toy_pipe, [(pack, 0.5)]).unet).aways] == [
+        ("circle", 1.0)]  # times the scale
     found = pack.manifest.redteam.attack_prompts()
     assert main(["attack", str(src), "--family", "prompt", *quick, "--no-calibrate", "--record"]) == 0
     again = ConceptPack.from_pretrained(src).manifest.redteam

@@ -50,22 +50,29 @@ def render_card(manifest: Manifest) -> str:
         base=base, method_text=method_text(manifest), templates=_codes(t.templates), preserve=_codes(t.preserve),
         preserve_synonyms=_codes(t.preserve_synonyms), anchor=_codes(t.anchor), n_tensors=len(manifest.tensors),
         eval=manifest.metrics.get("eval"), redteam=manifest.redteam, guide_away=manifest.guide_away,
+        guide_away_until=manifest.guide_away_until, guide_away_reference=manifest.guide_away_reference,
     )
     return str(card)
 
 
-def render_export_card(manifest: Manifest, kind: str, rank=None, weights=None) -> str:
-    """The model card of an ``erasure export``: a LoRA (``weights``: its LoraWeights) or a merged pipeline."""
+def render_export_card(manifest: Manifest, kind: str, rank=None, weights=None, redteam=None) -> str:
+    """The model card of an ``erasure export``: a LoRA (``weights``: its LoraWeights) or a merged pipeline, with the
+    red-team figures of the export itself when it was attacked (``redteam``), and in its metadata whether it carries
+    the pack's whole protection (``erasure.sampling_guidance_carried``: false for a pack with ``guide_away``)."""
     t, base = manifest.training, manifest.base
     tags = [PACK_TAG, "esd", t.method, "text-to-image", "diffusers"] + (["lora"] if kind == "lora" else [])
     data = ModelCardData(library_name="diffusers", license=LICENSE,
                          base_model=base.id if HUB_ID.match(base.id) else None, tags=tags,
-                         pipeline_tag="text-to-image")
+                         pipeline_tag="text-to-image",
+                         erasure={"pack": manifest.name, "sampling_guidance_carried": not manifest.guide_away,
+                                  "guide_away_not_carried": manifest.guide_away,
+                                  "attacked": redteam is not None})
     card = ModelCard.from_template(
         data, template_str=_template("export_card.md"), name=manifest.name, kind=kind, rank=rank, t=t, base=base,
         base_src=base.id if HUB_ID.match(base.id) else f"<the directory of base {base.id!r}>",
         concepts=_codes(t.concepts), n_modules=len(weights.ranks) if weights else 0,
         error=weights.relative_error if weights else 0.0, lora_bias=bool(weights and weights.config["lora_bias"]),
-        dropped=weights.dropped if weights else (), guide_away=manifest.guide_away,
+        dropped=weights.dropped if weights else (), guide_away=manifest.guide_away, redteam=redteam,
+        pack_redteam=manifest.redteam,
     )
     return str(card)

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..base.families import family_of
 from ..sampling.generate import share_pipeline
-from ..sampling.guidance import set_guide_away
+from ..sampling.guidance import Away, set_guide_away
 from .concept_pack import BaseWeights, ConceptPack
 
 PackSpec = tuple[ConceptPack, float]
@@ -66,7 +66,10 @@ def compose_denoiser(base, packs: Sequence[PackSpec]) -> nn.Module:
     with torch.no_grad():  # one tensor at a time: a float32 copy of every touched tensor at once is GBs at SDXL size
         for name in dict.fromkeys(name for pack, _ in packs for name in pack.delta):
             params[name].copy_(composed_value(base.state, packs, name).to(params[name].dtype))
-    set_guide_away(clone, [(c, pack.guide_away * scale) for pack, scale in packs for c in pack.concepts], base.module)
+    guided = [pack for pack, _ in packs if pack.guide_away]
+    reference = "pack" if guided and all(p.manifest.guide_away_reference == "pack" for p in guided) else "base"
+    set_guide_away(clone, [Away(c, pack.guide_away * scale, pack.manifest.guide_away_until)
+                           for pack, scale in packs for c in pack.concepts], base.module, reference)
     return clone
 
 

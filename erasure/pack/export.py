@@ -23,7 +23,7 @@ import dataclasses
 import math
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -75,10 +75,25 @@ class Export:
     pack: str = ""
     base: str = ""
     rank: Rank | None = None
+    redteam: Any = None  # the red-team record of this export (not of the pack), when it was attacked
+    warnings: tuple[str, ...] = ()
 
     @property
     def size_bytes(self) -> int:
         return sum(self.files.values())
+
+
+# What an export measures about itself before it is written: (its directory, its format) -> a red-team record.
+Measure = Callable[[Path, str], Any]
+
+
+def not_carried(pack) -> tuple[str, ...]:
+    """What the pack's protection has that its weights, and so any export of them, do not."""
+    if not pack.guide_away:
+        return ()
+    return (f"pack {pack.name!r} also guides every image away from {', '.join(pack.concepts)} at sampling time "
+            f"(guide_away {pack.guide_away:g}); an export carries its weights only, so its protection is weaker than "
+            "the pack's red-team record says (measure it: erasure export ... --attack)",)
 
 
 def full_rank(shape) -> int:
@@ -213,9 +228,11 @@ def _files(directory: Path) -> dict[str, int]:
     return {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def save_lora(pack, out: str | os.PathLike, rank: Rank = DEFAULT_RANK, biases: bool = True) -> Export:
+def save_lora(pack, out: str | os.PathLike, rank: Rank = DEFAULT_RANK, biases: bool = True,
+              measure: Measure | None = None) -> Export:
     """Write the pack as a diffusers LoRA directory (``pytorch_lora_weights.safetensors`` with its peft config in
-    the file's metadata, and a model card); nothing is left behind if it fails.
+    the file's metadata, and a model card); nothing is left behind if it fails. ``measure``: red-team the written
+    LoRA before the directory is published, its figures in the card.
 
     Example:
         >>> save_lora(pack, "exports/circle-lora", rank=16)
@@ -231,16 +248,19 @@ def save_lora(pack, out: str | os.PathLike, rank: Rank = DEFAULT_RANK, biases: b
     with _writing(path), atomic_directory(path) as tmp:
         StableDiffusionLoraLoaderMixin.save_lora_weights(tmp, unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
                                                          unet_lora_adapter_metadata=dict(weights.config))
-        (tmp / CARD).write_text(render_export_card(pack.manifest, "lora", rank=rank, weights=weights))
+        record = measure(tmp, "lora") if measure is not None else None
+        (tmp / CARD).write_text(render_export_card(pack.manifest, "lora", rank=rank, weights=weights,
+                                                   redteam=record))
         for name in (LORA_WEIGHTS, CARD):
             os.chmod(tmp / name, 0o644)
-    return Export(path, "lora", _files(path), weights, pack.name, pack.manifest.base.id, rank)
+    return Export(path, "lora", _files(path), weights, pack.name, pack.manifest.base.id, rank, record,
+                  not_carried(pack))
 
 
-def save_merged(pack, base_pipe, out: str | os.PathLike) -> Export:
+def save_merged(pack, base_pipe, out: str | os.PathLike, measure: Measure | None = None) -> Export:
     """Write ``base_pipe`` with the pack composed (θ* + Δ in float32, cast to the base's dtype) as a full diffusers
     pipeline directory that ``DiffusionPipeline.from_pretrained`` loads. The pack is verified against the base
-    first (PackMismatchError for another base); nothing is left behind if it fails.
+    first (PackMismatchError for another base); nothing is left behind if it fails. ``measure``: as ``save_lora``.
 
     Example:
         >>> save_merged(pack, load_pipeline("toy"), "exports/toy-without-circle")
@@ -253,15 +273,19 @@ def save_merged(pack, base_pipe, out: str | os.PathLike) -> Export:
     merged = with_packs(base_pipe, [(pack, 1.0)])
     with _writing(path), atomic_directory(path) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
-        (tmp / CARD).write_text(render_export_card(pack.manifest, "merged"))
-    return Export(path, "merged", _files(path), None, pack.name, pack.manifest.base.id)
+        record = measure(tmp, "merged") if measure is not None else None
+        (tmp / CARD).write_text(render_export_card(pack.manifest, "merged", redteam=record))
+    return Export(path, "merged", _files(path), None, pack.name, pack.manifest.base.id, None, record,
+                  not_carried(pack))
 
 
 def export_pack(spec: str, format: str, out: str | os.PathLike, rank: Rank | str | None = None, biases: bool = True,
-                base: str | None = None, revision: str | None = None) -> Export:
+                base: str | None = None, revision: str | None = None,
+                measure: Callable[[Any], Measure] | None = None) -> Export:
     """`erasure export` end to end: check the request, load the pack (``PACK`` as ``load_packs`` reads it) and, for a
     merged pipeline or when ``base`` is given, the base it is checked against; then write the export. Everything
-    that can be refused is refused before a pack or a model is loaded.
+    that can be refused is refused before a pack or a model is loaded. ``measure(pack)``: what red-teams the export
+    (erasure/redteam/attack.py, ``export_attacker``).
 
     Example:
         >>> export_pack("toy/circle@v3", "lora", "exports/circle-lora", rank=4).size_bytes
@@ -287,7 +311,8 @@ def export_pack(spec: str, format: str, out: str | os.PathLike, rank: Rank | str
         loaded = load_base(base or ref.id, revision=revision if base else ref.revision)
         pack.verify_against(loaded.denoiser)
         base_pipe = loaded.pipe
+    measured = measure(pack) if measure is not None else None
     if format == "lora":
-        return save_lora(pack, path, rank=rank or DEFAULT_RANK, biases=biases)
-    export = save_merged(pack, base_pipe, path)
+        return save_lora(pack, path, rank=rank or DEFAULT_RANK, biases=biases, measure=measured)
+    export = save_merged(pack, base_pipe, path, measure=measured)
     return dataclasses.replace(export, base=base or export.base)

@@ -78,6 +78,11 @@ class Manifest(BaseModel):
     guide_away: float = Field(0.0, ge=0, description="every image of the pack is also guided away from its "
                               "concepts by this much, on the base's prediction of them (erasure/sampling/guidance.py): "
                               "reaches prompts naming nothing; set with the red-team record that measured it")
+    guide_away_until: float = Field(1.0, gt=0, le=1, description="the share of the noise schedule, from pure noise, "
+                                    "during which guide_away applies")
+    guide_away_reference: Literal["base", "pack"] = Field(
+        "base", description="where guide_away's eps(x, '') comes from: the base (one more base row per image and "
+        "step) or the pack set's own unconditional prediction when the request has no negative prompt")
     created_at: dt.datetime
     tool_version: str
 

@@ -130,3 +130,33 @@ def attack(specs: Sequence[str], cfg: AttackConfig, base: str = "toy", concepts:
             pack.manifest.redteam = found
             pack.save_pretrained(pack.path)
     return records
+
+
+def export_attacker(cfg: AttackConfig | None = None, device: str = "cpu", progress: bool = True):
+    """What `erasure export --attack` gives ``export_pack``: for a pack, a function that red-teams the export written
+    in a directory as plain diffusers runs it (a LoRA loaded with ``load_lora_weights``, or the merged pipeline),
+    against the pack's base for the base's rates. ``cfg``: the attack (default: the one of the pack's own record,
+    so the figures compare; without a record, AttackConfig's defaults)."""
+    def for_pack(pack):
+        ref = pack.manifest.base
+        judge = judge_for(ref.id)  # before anything is written: a base without a judge cannot be measured
+        config = cfg or (pack.manifest.redteam.config if pack.manifest.redteam else AttackConfig())
+        config = config.model_copy(update={"guide_away": 0.0})  # what the export carries
+
+        def measure(directory: Path, kind: str) -> RedTeamRecord:
+            from diffusers import DiffusionPipeline
+
+            base = load_base(ref.id, device, revision=ref.revision)
+            if kind == "lora":
+                exported = load_base(ref.id, device, revision=ref.revision).pipe
+                exported.load_lora_weights(str(directory))
+            else:
+                exported = DiffusionPipeline.from_pretrained(str(directory)).to(device)
+            exported.set_progress_bar_config(disable=True)
+            team = RedTeam(base.pipe, judge, config, base.defaults, progress)
+            t0 = time.perf_counter()
+            return team.record(team.attack_pipe(exported, pack.concepts), time.perf_counter() - t0)
+
+        return measure
+
+    return for_pack

@@ -24,7 +24,9 @@ def print_records(records: dict[str, RedTeamRecord], console=None) -> None:
         for r in rec.results:
             colour = "red" if r.asr > 0.25 else "yellow" if r.asr > 0.10 else "green"
             calib = "-" if r.calibration is None else f"{r.calibration:.0%}"
-            t.add_row(name, r.concept, r.family, f"[{colour}]{r.asr:.0%}[/] (n={r.n})", f"{r.base_rate:.0%}", calib,
+            more = " [b red]▲ above the base[/]" if r.asr - r.base_rate > 0.10 else ""
+            t.add_row(name, r.concept, r.family, f"[{colour}]{r.asr:.0%}[/] (n={r.n}){more}", f"{r.base_rate:.0%}",
+                      calib,
                       short(rec.attack_text(r, markdown=False)), f"{r.seconds:.0f} s")
     console.print(t)
 

@@ -62,8 +62,8 @@ class Track:
     generators: list[torch.Generator]
     step_kwargs: dict
     guided: bool
-    away: GuideAway | None = None  # the pack set's guidance away from its concepts (erasure/guidance.py)
-    away_rows: Conditioning | None = None
+    away: GuideAway | None = None  # the pack set's guidance away from its concepts (erasure/sampling/guidance.py)
+    reuse_empty: bool = False  # the shift's eps(x, "") is this request's own unconditional rows (``pack`` reference)
     index: int = 0
 
     @property
@@ -123,7 +123,8 @@ class BatchDenoiser:
             if denoiser not in self._away:
                 self._away[denoiser] = GuideAway(pipe, guidance)
             track.away = self._away[denoiser]
-            track.away_rows = track.away.rows(len(request.seeds), (request.height, request.width))
+            track.reuse_empty = (track.away.reference == "pack" and guided
+                                 and track.away.is_empty(request.uncond, (request.height, request.width)))
         return track
 
     def step(self, tracks: Sequence[Track]) -> None:
@@ -153,29 +154,38 @@ class BatchDenoiser:
                 segments[-1] = (segments[-1][0] + track.rows, track.denoiser)
             else:
                 segments.append((track.rows, track.denoiser))
-        away = [track for track in tracks if track.away is not None]
-        for track in away:  # the base's rows of the concepts guided away from, after every request's own rows
+        away = []  # (track, concepts guided away from at its step, its base rows)
+        for track in tracks:  # the base's rows of the concepts guided away from, after every request's own rows
+            if track.away is None:
+                continue
             t = track.timesteps[track.index]
-            rows = len(track.away_rows)
-            samples.append(track.scheduler.scale_model_input(track.latents.repeat(rows // track.images, 1, 1, 1), t))
-            times.append(t.reshape(1).expand(rows))
-            conds.append(track.away_rows)
+            active = track.away.active(t)
+            if not active:
+                continue
+            rows = track.away.rows(track.images, (track.request.height, track.request.width), active,
+                                   with_empty=not track.reuse_empty)
+            samples.append(track.scheduler.scale_model_input(
+                track.latents.repeat(len(rows) // track.images, 1, 1, 1), t))
+            times.append(t.reshape(1).expand(len(rows)))
+            conds.append(rows)
+            away.append((track, active, len(rows)))
             if segments and segments[-1][1] is track.away.base_denoiser:
-                segments[-1] = (segments[-1][0] + rows, track.away.base_denoiser)
+                segments[-1] = (segments[-1][0] + len(rows), track.away.base_denoiser)
             else:
-                segments.append((rows, track.away.base_denoiser))
+                segments.append((len(rows), track.away.base_denoiser))
         conditioning = Conditioning.cat(conds).to(self.device)
         noise = self.mixed(torch.cat(samples), torch.cat(times), segments, **conditioning.denoiser_kwargs())
-        start = sum(track.rows for track in tracks)
-        shifts = {}
-        for track in away:
-            rows = len(track.away_rows)
-            shifts[id(track)] = track.away.combine(noise[start:start + rows], track.images)
-            start += rows
-        start = 0
+        own, start = {}, 0
         for track in tracks:
-            pred = noise[start:start + track.rows]
+            own[id(track)] = noise[start:start + track.rows]
             start += track.rows
+        shifts = {}
+        for track, active, rows in away:
+            reference = own[id(track)][:track.images] if track.reuse_empty else None  # its unconditional rows
+            shifts[id(track)] = track.away.combine(noise[start:start + rows], track.images, active, reference)
+            start += rows
+        for track in tracks:
+            pred = own[id(track)]
             if track.guided:
                 uncond, text = pred.chunk(2)
                 pred = uncond + track.request.guidance * (text - uncond)
